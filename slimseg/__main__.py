@@ -1,0 +1,3 @@
+from slimseg.cli import main
+
+raise SystemExit(main())
