@@ -1,0 +1,139 @@
+"""Runtimes that execute an exported model: one small interface, a registry of backends.
+
+Everything slimseg measures (accuracy, latency) goes through :class:`Runtime`, so adding
+OpenVINO or MNN means one class plus ``@register_runtime("openvino")``; nothing else changes.
+Backends import their package lazily, inside the constructor.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+import onnx
+
+from slimseg.errors import ConfigError, DataError, ModelLoadError, SlimsegError, did_you_mean
+
+ModelLike = onnx.ModelProto | str | Path
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """A loaded model that maps named input arrays to its outputs, in ``output_names`` order."""
+
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+RUNTIMES: dict[str, Callable[..., Runtime]] = {}
+
+
+def register_runtime(name: str):
+    """Class decorator: make a runtime available to :func:`get_runtime` under `name`."""
+    def register(factory):
+        RUNTIMES[name] = factory
+        return factory
+    return register
+
+
+def get_runtime(name: str = "onnxruntime", model: ModelLike | None = None, **kw) -> Runtime:
+    """Load `model` in the runtime registered as `name` (keyword args go to its constructor)."""
+    if name not in RUNTIMES:
+        known = ", ".join(sorted(RUNTIMES))
+        raise SlimsegError(f"unknown runtime {name!r}{did_you_mean(name, RUNTIMES)}; known runtimes: {known}")
+    if model is None:
+        raise SlimsegError(f"runtime {name!r} needs a model (ONNX ModelProto or path)")
+    return RUNTIMES[name](model, **kw)
+
+
+def feed_dict(inputs: np.ndarray | Mapping[str, np.ndarray], input_names: list[str]) -> dict[str, np.ndarray]:
+    """Normalize `inputs` to {input name: array}; a bare array is accepted for one-input models."""
+    if isinstance(inputs, Mapping):
+        unknown = [k for k in inputs if k not in input_names]
+        if unknown:
+            raise DataError(f"unknown model input {unknown[0]!r}{did_you_mean(unknown[0], input_names)}; "
+                            f"the model's inputs are {input_names}")
+        missing = [k for k in input_names if k not in inputs]
+        if missing:
+            raise DataError(f"missing model input {missing[0]!r}; the model's inputs are {input_names}")
+        return dict(inputs)
+    if len(input_names) != 1:
+        raise DataError(f"the model has {len(input_names)} inputs {input_names}: pass a dict name -> array")
+    return {input_names[0]: inputs}
+
+
+# --- onnxruntime --------------------------------------------------------------------------
+
+OPTIMIZATION_LEVELS = {  # name -> onnxruntime.GraphOptimizationLevel attribute
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+
+@register_runtime("onnxruntime")
+class OrtRuntime:
+    """onnxruntime on CPU with a fixed thread budget, so latencies are comparable run to run.
+
+    One intra-op pool of `threads`, no inter-op parallelism, sequential execution: that is how a
+    segmentation model is deployed on a phone or a single server core, and it removes the
+    scheduling noise of parallel branches. A ModelProto is handed over as bytes (no temp file);
+    a path is handed over as a path so external weight files next to it are found.
+    """
+
+    def __init__(self, model: ModelLike, *, threads: int = 1, optimization: str = "all",
+                 profile: bool = False):
+        import onnxruntime as ort
+
+        options = self._options(ort, threads, optimization, profile)
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else self._path(model)
+        try:
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own pybind classes
+            where = "the given ModelProto" if isinstance(model, onnx.ModelProto) else str(model)
+            raise ModelLoadError(f"onnxruntime cannot load {where}: {err}") from err
+        self.threads = threads
+        self.optimization = optimization
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @staticmethod
+    def _options(ort, threads: int, optimization: str, profile: bool):
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise ConfigError(f"expected one of {list(OPTIMIZATION_LEVELS)}, got {optimization!r}"
+                              f"{did_you_mean(optimization, OPTIMIZATION_LEVELS)}", key="optimization")
+        if not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"expected an integer >= 1, got {threads!r}", key="threads")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization])
+        options.log_severity_level = 3  # errors only: warnings would interleave with progress bars
+        if profile:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="slimseg_ort_")) / "profile")
+        return options
+
+    @staticmethod
+    def _path(model) -> str:
+        path = Path(model)
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        return str(path)
+
+    def run(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        feeds = feed_dict(inputs, self.input_names)
+        try:
+            return self.session.run(self.output_names, feeds)
+        except Exception as err:
+            shapes = {k: (tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in feeds.items()}
+            raise DataError(f"onnxruntime failed on inputs {shapes}: {err}") from err
+
+    def end_profiling(self) -> Path:
+        """Stop profiling and return the JSON trace (chrome://tracing format) in a temp folder."""
+        return Path(self.session.end_profiling())
