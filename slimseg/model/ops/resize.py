@@ -1,0 +1,160 @@
+"""Resize and Upsample, reproducing onnxruntime's coordinate maps and rounding.
+
+Per resized axis, output index ``x`` maps to a source coordinate (float32, as onnxruntime):
+  half_pixel          (x + 0.5) / scale - 0.5
+  pytorch_half_pixel  same, but 0 when the output length is 1
+  align_corners       x * (in - 1) / (out - 1)        (0 when out == 1)
+  asymmetric          x / scale
+  tf_half_pixel_for_nn (x + 0.5) / scale
+  half_pixel_symmetric (in/2)(1 - out / (scale * in)) + (x + 0.5) / scale - 0.5
+``scale`` is the given scale, or ``out / in`` when sizes are given; the output length is
+``floor(in * scale)``. Nearest rounds the coordinate by ``nearest_mode`` and clamps it to
+``[0, in - 1]``; linear clamps the coordinate to ``[0, in - 1]`` and blends its two
+neighbours. Both are separable, so each axis is one gather (+ one blend for linear).
+Upsample and Resize-10 are ``asymmetric`` with onnxruntime's "simple" nearest rounding
+(ceil when down-sampling, floor otherwise).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from slimseg.model.ops.registry import NodeInfo, ints, op
+
+_F32 = np.float32
+_COORDS = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
+           "tf_half_pixel_for_nn", "half_pixel_symmetric")
+_NEAREST = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil", "simple")
+_FAST_LINEAR = {"half_pixel": False, "pytorch_half_pixel": False, "align_corners": True}
+
+
+def _parse_resize(node: NodeInfo) -> dict:
+    legacy = node.op_type == "Upsample" or node.opset < 11
+    mode = node.attr("mode", "nearest")
+    mode = "linear" if mode in ("bilinear", "trilinear") else mode  # Upsample-7 spellings
+    if mode == "cubic":
+        raise node.unsupported("mode='cubic' is not supported; re-export with 'linear' or 'nearest'")
+    if mode not in ("nearest", "linear"):
+        raise node.unsupported(f"mode={mode!r}, expected 'nearest' or 'linear'")
+    ctm = "asymmetric" if legacy else node.attr("coordinate_transformation_mode", "half_pixel")
+    if ctm not in _COORDS:
+        raise node.unsupported(f"coordinate_transformation_mode={ctm!r}, expected one of {_COORDS}")
+    nearest = "simple" if legacy else node.attr("nearest_mode", "round_prefer_floor")
+    if nearest not in _NEAREST:
+        raise node.unsupported(f"nearest_mode={nearest!r}")
+    if node.attr("antialias", 0):
+        raise node.unsupported("antialias=1 is not supported")
+    policy = node.attr("keep_aspect_ratio_policy", "stretch")
+    if policy not in ("stretch", "not_larger", "not_smaller"):
+        raise node.unsupported(f"keep_aspect_ratio_policy={policy!r}")
+    return {
+        "mode": mode, "ctm": ctm, "nearest": nearest, "policy": policy,
+        "axes": node.attr("axes"), "scales": node.attr("scales"),
+        "slots": (1, None) if legacy else (2, 3),
+    }
+
+
+@op("Resize", "Upsample", parse=_parse_resize, host=(1, 2, 3))
+def resize(x, *args, mode, ctm, nearest, policy, axes, scales, slots):
+    axes = [a % x.dim() for a in axes] if axes else list(range(x.dim()))
+    plan = _plan(x, args, axes, scales, slots, policy)
+    if mode == "linear" and _fast_linear_ok(x, plan, ctm):
+        sizes = [out for _, _, out, _ in plan[-2:]]
+        return F.interpolate(x, size=sizes, mode="bilinear", align_corners=_FAST_LINEAR[ctm])
+    for axis, n_in, n_out, scale in plan:
+        coord = _source_coords(n_in, n_out, scale, ctm)
+        if mode == "nearest":
+            x = x.index_select(axis, _to(np.clip(_round(coord, nearest, scale < 1), 0, n_in - 1), x))
+        else:
+            x = _linear_axis(x, axis, coord, n_in)
+    return x
+
+
+def _plan(x, args, axes, scales, slots, policy):
+    """[(axis, in, out, scale)] for the axes that actually change."""
+    scales_t = _arg(args, slots[0])
+    sizes_t = _arg(args, slots[1])
+    n_in = [x.shape[a] for a in axes]
+    if sizes_t is not None:
+        outs = ints(sizes_t)
+        factors = [_F32(o) / _F32(i) for o, i in zip(outs, n_in)]
+        if policy != "stretch":
+            s = min(factors) if policy == "not_larger" else max(factors)
+            factors = [s] * len(axes)
+            outs = [int(np.floor(s * _F32(i) + _F32(0.5))) for i in n_in]
+    else:
+        given = scales_t.reshape(-1).tolist() if scales_t is not None else scales
+        factors = [_F32(s) for s in given]
+        outs = [int(f * _F32(i)) for f, i in zip(factors, n_in)]
+    return [(a, i, o, f) for a, i, o, f in zip(axes, n_in, outs, factors) if not (o == i and f == 1)]
+
+
+def _arg(args, slot):
+    if slot is None or len(args) < slot or args[slot - 1] is None or args[slot - 1].numel() == 0:
+        return None
+    return args[slot - 1]
+
+
+def _fast_linear_ok(x, plan, ctm) -> bool:
+    """torch's bilinear equals onnxruntime's when only H, W change and ``scale == out / in``."""
+    if x.dim() != 4 or ctm not in _FAST_LINEAR or any(axis < 2 for axis, *_ in plan):
+        return False
+    if not plan or (ctm == "pytorch_half_pixel" and any(o == 1 for _, _, o, _ in plan)):
+        return False
+    return all(_F32(o) / _F32(i) == s for _, i, o, s in plan) and len(plan) == 2
+
+
+def _source_coords(n_in: int, n_out: int, scale, ctm: str) -> np.ndarray:
+    x = np.arange(n_out, dtype=_F32)
+    half = _F32(0.5)
+    if ctm == "asymmetric":
+        return x / scale
+    if ctm == "tf_half_pixel_for_nn":
+        return (x + half) / scale
+    if ctm == "align_corners":
+        return np.zeros_like(x) if n_out == 1 else x * _F32(n_in - 1) / _F32(n_out - 1)
+    if ctm == "pytorch_half_pixel" and n_out == 1:
+        return np.zeros_like(x)
+    coord = (x + half) / scale - half
+    if ctm == "half_pixel_symmetric":
+        adjust = _F32(n_out) / (scale * _F32(n_in))
+        coord = _F32(n_in) / _F32(2) * (_F32(1) - adjust) + coord
+    return coord
+
+
+def _round(c: np.ndarray, mode: str, down: bool) -> np.ndarray:
+    """onnxruntime's nearest_mode on a non-negative-after-clamp coordinate."""
+    floor = np.floor(c)
+    frac = c - floor
+    if mode == "floor" or (mode == "simple" and not down):
+        idx = floor
+    elif mode in ("ceil", "simple"):
+        idx = np.ceil(c)
+    elif mode == "round_prefer_ceil":
+        idx = floor + (frac >= 0.5)
+    else:
+        idx = floor + (frac > 0.5)
+    return idx.astype(np.int64)
+
+
+def _linear_axis(x: torch.Tensor, axis: int, coord: np.ndarray, n_in: int) -> torch.Tensor:
+    """y = X[x1] * |c - x2| + X[x2] * |c - x1| with c clamped to [0, in - 1] (0.5 each if x1 == x2)."""
+    c = np.clip(coord, _F32(0), _F32(n_in - 1))
+    x1 = np.minimum(c.astype(np.int64), n_in - 1)
+    x2 = np.minimum(x1 + 1, n_in - 1)
+    w1 = np.abs(c - x1.astype(_F32))
+    w2 = np.abs(c - x2.astype(_F32))
+    same = x1 == x2
+    w1[same] = w2[same] = _F32(0.5)
+    shape = [len(c) if a == axis % x.dim() else 1 for a in range(x.dim())]
+    lo = x.index_select(axis, _to(x1, x))
+    hi = x.index_select(axis, _to(x2, x))
+    return lo * _to(w2, x).reshape(shape) + hi * _to(w1, x).reshape(shape)
+
+
+def _to(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if t.is_floating_point():
+        t = t.to(like.dtype)
+    return t.to(like.device)

@@ -1,0 +1,362 @@
+"""TorchGraph: a trainable ``nn.Module`` that executes an ONNX graph node by node.
+
+The ONNX graph stays the source of truth: each node runs as a small torch function from
+:mod:`slimseg.model.ops`, weights are ``nn.Parameter``s keyed by their ONNX names, and
+:meth:`TorchGraph.to_onnx` writes the trained values back into a copy of the same graph.
+
+Constants (initializers and ``Constant`` nodes alike) are sorted by how they are used:
+  * float in a weight slot (Conv/ConvTranspose/Gemm/MatMul W and B, BN scale and B,
+    LayerNorm scale and B, PRelu slope) -> ``nn.Parameter`` in ``self.params``;
+  * other float used as data (BN running mean/var, ...) -> buffer in ``self.consts``;
+  * everything read as Python values (shapes, axes, pads, int tensors) -> a CPU tensor kept
+    outside the state dict, so shape arithmetic never touches the accelerator.
+Module attribute names cannot hold '.', so keys are sanitised; ``onnx_parameter_names`` maps
+ONNX name -> key in ``named_parameters()``. Parameters are looked up on every forward, so
+``torch.nn.utils.parametrize`` (fake quantization, sparsity masks) on ``self.params`` works.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import heapq
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from slimseg.errors import ModelLoadError, SlimsegError, UnsupportedOpError, did_you_mean
+from slimseg.model import ops
+from slimseg.model.ops import NodeInfo
+
+_PARAM, _BUFFER, _HOST = "param", "buffer", "host"
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One node ready to run: bound op, input names ('' = absent), output names, and the
+    input slots read as Python values (they stay on the CPU)."""
+
+    name: str
+    op_type: str
+    fn: Callable[..., Any]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    host: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The steps needed for a set of wanted tensors, and what to free after each step."""
+
+    steps: tuple[_Step, ...]
+    free: tuple[tuple[str, ...], ...]
+
+
+class TorchGraph(nn.Module):
+    """Differentiable executor of an ONNX ``ModelProto`` (see the module docstring)."""
+
+    def __init__(self, model: onnx.ModelProto, *, taps: Sequence[str] = ()):
+        super().__init__()
+        if not isinstance(model, onnx.ModelProto):
+            raise ModelLoadError(f"TorchGraph needs an onnx.ModelProto, got {type(model).__name__}")
+        self._model = copy.deepcopy(model)
+        graph = self._model.graph
+        self.opset = _default_opset(self._model)
+        constants = _collect_constants(graph, self.opset)
+        nodes = [n for n in _toposort(graph, set(constants)) if n.op_type != "Constant"]
+        _check_supported(nodes)
+        kinds = _classify(nodes, constants)
+        self.params = nn.ParameterDict()
+        self.consts = nn.Module()
+        self._keys: dict[str, str] = {}
+        self._host: dict[str, torch.Tensor] = {}
+        self._register_constants(constants, kinds)
+        self._steps = tuple(self._build_step(i, n) for i, n in enumerate(nodes))
+        self.input_names = [i.name for i in graph.input if i.name not in constants]
+        self.output_names = [o.name for o in graph.output]
+        self._producers = {out: i for i, s in enumerate(self._steps) for out in s.outputs if out}
+        self._known = set(self.input_names) | set(constants) | set(self._producers)
+        self.taps = tuple(self._check_taps(taps))
+        self._plans: dict[frozenset, _Plan] = {}
+
+    # ---- construction -------------------------------------------------------------
+    def _register_constants(self, constants: dict[str, np.ndarray], kinds: dict[str, str]) -> None:
+        used: set[str] = set()
+        for name, arr in constants.items():
+            kind = kinds.get(name, _HOST)
+            tensor = torch.from_numpy(np.array(arr, copy=True))
+            if kind == _HOST:
+                self._host[name] = tensor
+                continue
+            key = _unique_key(name, used)
+            self._keys[name] = key
+            if kind == _PARAM:
+                self.params[key] = nn.Parameter(tensor)
+            else:
+                self.consts.register_buffer(key, tensor)
+
+    def _build_step(self, index: int, node: onnx.NodeProto) -> _Step:
+        name = node.name or f"{node.op_type}_{index}"
+        info = NodeInfo.from_proto(node, self.opset, name)
+        host = frozenset(ops.spec_for(node.op_type, name, node.domain).host)
+        return _Step(name, node.op_type, ops.build(info), tuple(node.input), tuple(node.output), host)
+
+    def _check_taps(self, taps: Sequence[str]) -> list[str]:
+        if isinstance(taps, str):
+            taps = [taps]
+        for tap in taps:
+            if tap not in self._known:
+                close = difflib.get_close_matches(tap, sorted(self._known), n=5, cutoff=0.5)
+                hint = f"; close names: {close}" if close else ""
+                raise SlimsegError(f"tap {tap!r} is not a tensor of the graph{hint}")
+        return list(taps)
+
+    # ---- public API ---------------------------------------------------------------
+    @property
+    def onnx_parameter_names(self) -> dict[str, str]:
+        """ONNX initializer name -> key in ``self.named_parameters()``."""
+        out = {}
+        for name, key in self._keys.items():
+            if key in self.params:
+                tracked = parametrize.is_parametrized(self.params, key)
+                out[name] = f"params.parametrizations.{key}.original" if tracked else f"params.{key}"
+        return out
+
+    def parameter(self, onnx_name: str) -> nn.Parameter:
+        """The trainable Parameter behind ONNX initializer ``onnx_name``."""
+        key = self._keys.get(onnx_name)
+        if key is None or key not in self.params:
+            hint = did_you_mean(onnx_name, self.onnx_parameter_names)
+            raise SlimsegError(f"{onnx_name!r} is not a trainable weight of the graph{hint}")
+        if parametrize.is_parametrized(self.params, key):
+            return self.params.parametrizations[key].original
+        return self.params[key]
+
+    def forward(self, *inputs: torch.Tensor, taps: Sequence[str] | None = None):
+        """Graph outputs (one Tensor, or a tuple in graph order); with taps a dict
+        ``{name: Tensor}`` of every graph output and every tapped tensor."""
+        wanted = self.taps if taps is None else tuple(self._check_taps(taps))
+        env = self._environment(inputs)
+        plan = self._plan(frozenset(wanted))
+        align = any(t.device.type != "cpu" for t in inputs if isinstance(t, torch.Tensor))
+        for step, free in zip(plan.steps, plan.free):
+            self._run(step, env, align)
+            for name in free:
+                env.pop(name, None)
+        if wanted:
+            return {name: env[name] for name in (*self.output_names, *wanted)}
+        outs = tuple(env[name] for name in self.output_names)
+        return outs[0] if len(outs) == 1 else outs
+
+    def to_onnx(self) -> onnx.ModelProto:
+        """A copy of the source model with current parameter and buffer values written back."""
+        model = copy.deepcopy(self._model)
+        values = {name: self._raw_value(name) for name in self._keys}
+        for init in model.graph.initializer:
+            if init.name in values:
+                init.CopyFrom(_to_tensor_proto(values[init.name], init))
+        for node in _all_constant_nodes(model.graph):
+            out = node.output[0]
+            if out in values:
+                _write_constant(node, values[out])
+        return model
+
+    # ---- execution ----------------------------------------------------------------
+    def _environment(self, inputs: Sequence[Any]) -> dict[str, torch.Tensor]:
+        if len(inputs) != len(self.input_names):
+            raise SlimsegError(
+                f"the graph takes {len(self.input_names)} input(s) {self.input_names}, got {len(inputs)}"
+            )
+        env: dict[str, torch.Tensor] = dict(self._host)
+        for name, key in self._keys.items():
+            env[name] = self.params[key] if key in self.params else getattr(self.consts, key)
+        env.update((n, torch.as_tensor(t)) for n, t in zip(self.input_names, inputs))
+        return env
+
+    def _run(self, step: _Step, env: dict[str, torch.Tensor], align: bool) -> None:
+        args = [env[n] if n else None for n in step.inputs]
+        if align:
+            args = _same_device(args, step.host)
+        try:
+            result = step.fn(*args)
+        except (RuntimeError, ValueError, IndexError, TypeError) as err:
+            shapes = [tuple(a.shape) if a is not None else None for a in args]
+            raise SlimsegError(
+                f"node {step.name!r} ({step.op_type}) failed on inputs {list(step.inputs)} "
+                f"with shapes {shapes}: {err}"
+            ) from err
+        if isinstance(result, torch.Tensor):
+            env[step.outputs[0]] = result
+        else:
+            for name, value in zip(step.outputs, result):
+                if name:
+                    env[name] = value
+
+    def _plan(self, wanted: frozenset) -> _Plan:
+        """Only the steps that feed an output or a tap; each tensor is dropped after its
+        last consumer unless it is wanted (frees memory during long forwards)."""
+        plan = self._plans.get(wanted)
+        if plan is not None:
+            return plan
+        keep = set(self.output_names) | set(wanted)
+        needed, stack = set(), list(keep)
+        while stack:
+            index = self._producers.get(stack.pop())
+            if index is not None and index not in needed:
+                needed.add(index)
+                stack.extend(n for n in self._steps[index].inputs if n)
+        steps = tuple(s for i, s in enumerate(self._steps) if i in needed)
+        last_use: dict[str, int] = {}
+        for i, s in enumerate(steps):
+            for n in (*s.inputs, *s.outputs):
+                if n and n in self._producers:
+                    last_use[n] = i
+        free = [[] for _ in steps]
+        for n, i in last_use.items():
+            if n not in keep:
+                free[i].append(n)
+        plan = _Plan(steps, tuple(tuple(f) for f in free))
+        self._plans[wanted] = plan
+        return plan
+
+    def _raw_value(self, name: str) -> np.ndarray:
+        key = self._keys[name]
+        if key in self.params:
+            t = self.parameter(name)
+        else:
+            t = getattr(self.consts, key)
+        return t.detach().cpu().numpy()
+
+
+# ---- helpers --------------------------------------------------------------------------
+def _default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise ModelLoadError("the model imports no default ONNX opset (opset_import has no '' domain)")
+
+
+def _collect_constants(graph: onnx.GraphProto, opset: int):
+    """Initializers and Constant-node outputs as numpy arrays."""
+    values = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+    for node in _all_constant_nodes(graph):
+        values[node.output[0]] = ops.constant_value(NodeInfo.from_proto(node, opset))
+    return values
+
+
+def _toposort(graph: onnx.GraphProto, constants: set[str]) -> list[onnx.NodeProto]:
+    """Kahn's algorithm, in file order where the graph allows; a tensor nobody produces or
+    a cycle is a load error naming the node."""
+    available = set(constants) | {i.name for i in graph.input}
+    waiting: dict[str, list[int]] = {}
+    missing: list[int] = []
+    for i, node in enumerate(graph.node):
+        need = {n for n in node.input if n and n not in available}
+        missing.append(len(need))
+        for name in need:
+            waiting.setdefault(name, []).append(i)
+    ready = [i for i, m in enumerate(missing) if m == 0]
+    order: list[onnx.NodeProto] = []
+    while ready:
+        node = graph.node[heapq.heappop(ready)]
+        order.append(node)
+        for out in node.output:
+            available.add(out)
+            for j in waiting.pop(out, ()):
+                missing[j] -= 1
+                if missing[j] == 0:
+                    heapq.heappush(ready, j)
+    if len(order) < len(graph.node):
+        node = next(n for i, n in enumerate(graph.node) if missing[i])
+        absent = [n for n in node.input if n and n not in available]
+        produced = {o for n in graph.node for o in n.output}
+        why = "a cycle" if all(a in produced for a in absent) else "no producer"
+        raise ModelLoadError(
+            f"node {node.name!r} ({node.op_type}) reads {absent}, which has {why} in the graph"
+        )
+    return order
+
+
+def _check_supported(nodes: list[onnx.NodeProto]) -> None:
+    """One error for the first unsupported node, naming how many other ones there are."""
+    bad = []
+    for node in nodes:
+        try:
+            ops.spec_for(node.op_type, node.name, node.domain)
+        except UnsupportedOpError as err:
+            bad.append(err)
+    if bad:
+        first = bad[0]
+        others = sorted({f"{e.op_type}" for e in bad[1:]} - {first.op_type})
+        detail = str(first).split(": ", 1)[1] if ": " in str(first) else ""
+        if others:
+            detail += f"; also unsupported: {others}"
+        raise UnsupportedOpError(first.op_type, first.node_name, detail)
+
+
+def _classify(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray]) -> dict[str, str]:
+    """param / buffer / host for each constant from the slots that read it."""
+    kinds: dict[str, str] = {}
+    rank = {_HOST: 0, _BUFFER: 1, _PARAM: 2}
+    for node in nodes:
+        spec = ops.spec_for(node.op_type, node.name, node.domain)
+        for slot, name in enumerate(node.input):
+            if name not in constants:
+                continue
+            is_float = constants[name].dtype == np.float32
+            if slot in spec.weights and is_float:
+                kind = _PARAM
+            elif slot in spec.host or not np.issubdtype(constants[name].dtype, np.floating):
+                kind = _HOST
+            else:
+                kind = _BUFFER
+            if rank[kind] > rank[kinds.get(name, _HOST)]:
+                kinds[name] = kind
+    return kinds
+
+
+def _unique_key(name: str, used: set[str]) -> str:
+    """A valid, unused module attribute name for ONNX tensor ``name``."""
+    base = re.sub(r"\W", "_", name) or "t"
+    if base[0].isdigit():
+        base = "t" + base
+    key, i = base, 1
+    while key in used or hasattr(nn.ParameterDict, key) or hasattr(nn.Module, key):
+        key, i = f"{base}_{i}", i + 1
+    used.add(key)
+    return key
+
+
+def _same_device(args: list, host: frozenset[int]) -> list:
+    """Move CPU tensors next to accelerator tensors when a node mixes them (host slots stay)."""
+    device = next((a.device for a in args if a is not None and a.device.type != "cpu"), None)
+    if device is None:
+        return args
+    return [a.to(device) if a is not None and i not in host and a.device != device else a
+            for i, a in enumerate(args)]
+
+
+def _to_tensor_proto(value: np.ndarray, like: onnx.TensorProto) -> onnx.TensorProto:
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(like.data_type)
+    return onnx.numpy_helper.from_array(value.astype(dtype).reshape(tuple(like.dims)), like.name)
+
+
+def _all_constant_nodes(graph: onnx.GraphProto):
+    return [n for n in graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")]
+
+
+def _write_constant(node: onnx.NodeProto, value: np.ndarray) -> None:
+    """Rewrite a Constant node's payload in the attribute form it already uses."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            attr.t.CopyFrom(_to_tensor_proto(value, attr.t))
+        elif attr.name == "value_float":
+            attr.f = float(value.reshape(()))
+        elif attr.name == "value_floats":
+            del attr.floats[:]
+            attr.floats.extend(float(v) for v in value.reshape(-1))
