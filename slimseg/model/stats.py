@@ -214,7 +214,7 @@ def input_shapes(model: onnx.ModelProto, input_shape: InputShape = None) -> dict
     for value in inputs:
         dims = value.type.tensor_type.shape.dim
         if value.name in given:
-            shape = tuple(int(d) for d in given[value.name])
+            shape = _fill_dynamic(given[value.name], dims)
             _check_given(value.name, dims, shape)
         elif not value.type.tensor_type.HasField("shape"):
             raise SlimsegError(f"model input {value.name!r} has no shape (not even a rank); give the "
@@ -230,6 +230,20 @@ def input_shapes(model: onnx.ModelProto, input_shape: InputShape = None) -> dict
                 )
         result[value.name] = shape
     return result
+
+
+def _fill_dynamic(given: Sequence, dims) -> tuple[int, ...]:
+    """A given shape may leave dims open (None or -1, as LoadedModel.input_shape does for a
+    dynamic batch): take the model's static dim there, or 1 for the batch."""
+    model_dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+    shape = []
+    for i, d in enumerate(given):
+        if d is None or int(d) < 0:
+            d = model_dims[i] if i < len(model_dims) and model_dims[i] else (1 if i == 0 else None)
+            if d is None:
+                raise SlimsegError(f"input_shape {list(given)} leaves dim {i} open and the model does not fix it")
+        shape.append(int(d))
+    return tuple(shape)
 
 
 def _given_shapes(inputs, input_shape: InputShape) -> dict[str, Sequence[int]]:

@@ -1,0 +1,127 @@
+"""`evaluate(model, data)`: segmentation accuracy of an exported model, measured in a runtime.
+
+The model runs in a real runtime (onnxruntime by default), never in the training module, so
+the number is the one a deployment gets. Metrics follow PaddleSeg: the image goes through the
+dataset's val transforms, the label stays at its original size, and the model's class scores
+(softmax probabilities or logits) are resized *bilinearly* back to the label size before the
+argmax; intersections and unions are summed over the whole split.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from slimseg.errors import DataError
+from slimseg.metrics import ConfusionMatrix, SegMetrics
+
+
+@dataclass
+class EvalResult:
+    metrics: SegMetrics
+    num_images: int
+    seconds: float
+    model: str
+    dataset: str
+    runtime: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "dataset": self.dataset,
+            "runtime": self.runtime,
+            "num_images": self.num_images,
+            "seconds": round(self.seconds, 3),
+            **self.metrics.to_dict(),
+            **self.extra,
+        }
+
+
+def scores_to_labels(output: np.ndarray, label_hw: tuple[int, int], *, num_classes: int) -> np.ndarray:
+    """Turn one model output into an (N, H, W) class map at the label's size.
+
+    Float outputs of shape (N, C, h, w) are class scores: resized bilinearly (half-pixel, as
+    PaddleSeg's `F.interpolate`) then argmax. Integer outputs, or (N, h, w) / (N, 1, h, w)
+    maps, are already class ids (an ArgMax post-process): resized with nearest neighbour.
+    """
+    out = np.asarray(output)
+    is_map = np.issubdtype(out.dtype, np.integer) or out.ndim == 3 or (out.ndim == 4 and out.shape[1] == 1)
+    if is_map:
+        ids = torch.from_numpy(out.reshape(out.shape[0], 1, *out.shape[-2:]).astype(np.float32))
+        ids = F.interpolate(ids, size=label_hw, mode="nearest")
+        return ids[:, 0].round().long().numpy()
+    if out.ndim != 4:
+        raise DataError(f"model output has shape {out.shape}; expected (N, C, H, W) class scores or (N, H, W) class ids")
+    if out.shape[1] != num_classes:
+        raise DataError(
+            f"model outputs {out.shape[1]} classes but the dataset has num_classes={num_classes}"
+        )
+    scores = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+    if tuple(scores.shape[-2:]) != tuple(label_hw):
+        scores = F.interpolate(scores, size=label_hw, mode="bilinear", align_corners=False)
+    return scores.argmax(1).numpy()
+
+
+def evaluate(
+    model,
+    data,
+    *,
+    split: str = "val",
+    runtime: str = "onnxruntime",
+    threads: int | None = None,
+    input_shape=None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Score `model` (anything `load_model` accepts) on `data` (dataset YAML path,
+    DatasetConfig or a dataset object such as SegDataset) through `runtime`."""
+    from slimseg.data import build_dataset
+    from slimseg.hardware.runtime import get_runtime
+    from slimseg.model.importers import load_model
+
+    loaded = load_model(model, input_shape=input_shape)
+    # a dataset object (SegDataset or anything with .spec, len() and [i] -> Sample) is used as is
+    dataset = data if hasattr(data, "spec") and hasattr(data, "__getitem__") else build_dataset(data, split)
+    num_classes = dataset.spec.num_classes
+    session = get_runtime(runtime, loaded.onnx, threads=threads or _default_threads())
+    matrix = ConfusionMatrix(num_classes, ignore_index=dataset.spec.ignore_index)
+
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    if count == 0:
+        raise DataError(f"dataset {dataset.spec.source} ({split}) holds no images")
+    start = time.perf_counter()
+    for i in _progress(range(count), progress, desc=f"eval {split}"):
+        sample = dataset[i]
+        if sample.label is None:
+            raise DataError(f"{sample.path}: evaluation needs a label for every image")
+        output = session.run(sample.image[None].astype(np.float32))[0]
+        pred = scores_to_labels(output, sample.label.shape[-2:], num_classes=num_classes)
+        matrix.update(pred[0], sample.label)
+    seconds = time.perf_counter() - start
+    return EvalResult(
+        metrics=matrix.compute(),
+        num_images=count,
+        seconds=seconds,
+        model=loaded.source,
+        dataset=str(dataset.spec.source),
+        runtime=runtime,
+    )
+
+
+def _default_threads() -> int:
+    import os
+
+    return max(1, os.cpu_count() or 1)
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, unit="img", leave=False, dynamic_ncols=True)

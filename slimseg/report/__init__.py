@@ -1,0 +1,1 @@
+"""Human-readable and machine-readable summaries of slimseg's results."""
