@@ -257,3 +257,40 @@ def test_nodes_out_of_order_are_sorted_and_dangling_inputs_are_load_errors():
     model.graph.node[0].input[0] = "nowhere"
     with pytest.raises(ModelLoadError, match="nowhere"):
         TorchGraph(model)
+
+
+def test_attached_module_sees_and_changes_the_tensor_for_every_reader():
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1, 4] x) => (float[1, 4] y, float[1, 4] z) {
+        h = Relu (x)
+        y = Add (h, h)
+        z = Mul (h, h)
+    }
+    """
+    graph = TorchGraph(onnx.parser.parse_model(text))
+    x = torch.tensor([[-1.0, 0.5, 2.0, 3.0]])
+
+    class Double(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, t):
+            self.seen.append(t.clone())
+            return 2 * t
+
+    double = Double()
+    graph.attach("h", double)
+    y, z = graph(x)
+    h = torch.relu(x)
+    torch.testing.assert_close(y, 4 * h)
+    torch.testing.assert_close(z, 4 * h * h)
+    assert len(double.seen) == 1  # applied once, at production
+    torch.testing.assert_close(graph(x, taps=["h"])["h"], 2 * h)
+    graph.attach("x", Double())  # graph inputs too
+    torch.testing.assert_close(graph(x)[0], 4 * torch.relu(2 * x))
+    graph.detach_all()
+    torch.testing.assert_close(graph(x)[0], 2 * h)
+    with pytest.raises(SlimsegError):
+        graph.attach("nope", Double())

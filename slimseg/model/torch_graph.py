@@ -83,6 +83,8 @@ class TorchGraph(nn.Module):
         self._known = set(self.input_names) | set(constants) | set(self._producers)
         self.taps = tuple(self._check_taps(taps))
         self._plans: dict[frozenset, _Plan] = {}
+        self.tensor_hooks = nn.ModuleDict()
+        self._hooked: dict[str, str] = {}
 
     # ---- construction -------------------------------------------------------------
     def _register_constants(self, constants: dict[str, np.ndarray], kinds: dict[str, str]) -> None:
@@ -137,6 +139,37 @@ class TorchGraph(nn.Module):
             return self.params.parametrizations[key].original
         return self.params[key]
 
+    def parametrize(self, onnx_name: str, module: nn.Module) -> None:
+        """Compute weight `onnx_name` as ``module(raw weight)`` on every forward (fake quant,
+        sparsity masks); the raw Parameter stays trainable and is what :meth:`to_onnx` writes."""
+        self.parameter(onnx_name)  # a clear error for a name that is not a trainable weight
+        parametrize.register_parametrization(self.params, self._keys[onnx_name], module)
+
+    def attach(self, tensor: str, module: nn.Module) -> None:
+        """Route `tensor` through `module` as soon as it is produced, so every reader (and a
+        tap) sees ``module(tensor)``: how fake quantization and observers sit on activations.
+        One module may be attached to several tensors (a scale shared by a group)."""
+        if tensor not in self._known:
+            self._check_taps([tensor])
+        key = self._hooked.get(tensor) or _unique_key(tensor, set(self._hooked.values()))
+        self._hooked[tensor] = key
+        self.tensor_hooks[key] = module
+
+    def detach(self, tensor: str) -> None:
+        """Remove the module attached to `tensor` (if any)."""
+        key = self._hooked.pop(tensor, None)
+        if key is not None and key not in self._hooked.values():
+            del self.tensor_hooks[key]
+
+    def detach_all(self) -> None:
+        """Remove every module attached with :meth:`attach`."""
+        self.tensor_hooks = nn.ModuleDict()
+        self._hooked = {}
+
+    def attached(self, tensor: str) -> nn.Module | None:
+        key = self._hooked.get(tensor)
+        return None if key is None else self.tensor_hooks[key]
+
     def forward(self, *inputs: torch.Tensor, taps: Sequence[str] | None = None):
         """Graph outputs (one Tensor, or a tuple in graph order); with taps a dict
         ``{name: Tensor}`` of every graph output and every tapped tensor."""
@@ -176,7 +209,14 @@ class TorchGraph(nn.Module):
         for name, key in self._keys.items():
             env[name] = self.params[key] if key in self.params else getattr(self.consts, key)
         env.update((n, torch.as_tensor(t)) for n, t in zip(self.input_names, inputs))
+        for name in self.input_names:
+            self._apply_hook(name, env)
         return env
+
+    def _apply_hook(self, name: str, env: dict[str, torch.Tensor]) -> None:
+        key = self._hooked.get(name)
+        if key is not None:
+            env[name] = self.tensor_hooks[key](env[name])
 
     def _run(self, step: _Step, env: dict[str, torch.Tensor], align: bool) -> None:
         args = [env[n] if n else None for n in step.inputs]
@@ -196,6 +236,9 @@ class TorchGraph(nn.Module):
             for name, value in zip(step.outputs, result):
                 if name:
                     env[name] = value
+        if self._hooked:
+            for name in step.outputs:
+                self._apply_hook(name, env)
 
     def _plan(self, wanted: frozenset) -> _Plan:
         """Only the steps that feed an output or a tap; each tensor is dropped after its
