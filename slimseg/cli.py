@@ -1,4 +1,4 @@
-"""Command line: `slimseg eval|bench|inspect|demo`.
+"""Command line: `slimseg compress|eval|bench|inspect|demo`.
 
 Each subcommand is a pair `_add_<name>(subparsers)` / `_cmd_<name>(args)`; the command only
 hands arguments to the library. Every SlimsegError is caught once, in `main`, and printed as
@@ -61,6 +61,43 @@ def _load(args: argparse.Namespace):
 
 def _print(data: dict[str, Any], fmt: str, table: str) -> None:
     print(json.dumps(data, indent=2) if fmt == "json" else table)
+
+
+# --- compress -----------------------------------------------------------------------------
+
+def _add_compress(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("compress", help="quantize a model to INT8 (PTQ or QAT + distillation), measured",
+                       description="Compress a model with a PaddleSlim ACT strategy YAML (QuantPost for "
+                                   "post-training quantization, QuantAware + Distillation for QAT) and "
+                                   "write save_dir/model.onnx (Q/DQ, INT8 weights), report.json and "
+                                   "strategy.yaml. Accuracy and latency are measured in onnxruntime.")
+    _add_model_args(p)
+    p.add_argument("--strategy_config", "--config_path", dest="strategy_config", required=True,
+                   help="ACT strategy YAML (Global, Distillation, QuantAware, QuantPost, TrainConfig)")
+    p.add_argument("--dataset_config", help="PaddleSeg dataset YAML (default: Global.reader_config)")
+    p.add_argument("--save_dir", default="output", help="output folder (default ./output)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save_dir")
+    p.add_argument("--deploy_hardware", default=None,
+                   help="deploy target (seed flag); only the local CPU (onnxruntime) is measured so far")
+    _add_output_arg(p)
+    p.set_defaults(func=_cmd_compress)
+    return p
+
+
+def _cmd_compress(args) -> int:
+    from slimseg.compress.api import compress
+    from slimseg.report.text import format_compress
+
+    if args.deploy_hardware not in (None, "cpu", "onnxruntime"):
+        raise SlimsegError(f"--deploy_hardware {args.deploy_hardware!r}: only 'cpu' (onnxruntime on this "
+                           "machine) is supported in this release")
+    model = None
+    if args.model or args.model_dir:
+        model = _load(args)
+    result = compress(model, args.strategy_config, data=args.dataset_config, save_dir=args.save_dir,
+                      overwrite=args.overwrite, progress=not args.quiet, input_shape=args.input_shape)
+    _print(result.report, args.output, format_compress(result))
+    return 0
 
 
 # --- eval ---------------------------------------------------------------------------------
@@ -178,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"slimseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_eval, _add_bench, _add_inspect, _add_demo):
+    for add in (_add_compress, _add_eval, _add_bench, _add_inspect, _add_demo):
         command = add(sub)
         command.add_argument("--quiet", action="store_true", help="no progress bars")
         command.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")

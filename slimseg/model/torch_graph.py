@@ -170,11 +170,19 @@ class TorchGraph(nn.Module):
         key = self._hooked.get(tensor)
         return None if key is None else self.tensor_hooks[key]
 
-    def forward(self, *inputs: torch.Tensor, taps: Sequence[str] | None = None):
+    def forward(self, *inputs: torch.Tensor, taps: Sequence[str] | None = None, only_taps: bool = False):
         """Graph outputs (one Tensor, or a tuple in graph order); with taps a dict
-        ``{name: Tensor}`` of every graph output and every tapped tensor."""
+        ``{name: Tensor}`` of every graph output and every tapped tensor. ``only_taps`` runs
+        just the nodes the taps need and returns only them (a partial forward)."""
         wanted = self.taps if taps is None else tuple(self._check_taps(taps))
         env = self._environment(inputs)
+        if only_taps:
+            plan = self._plan(frozenset(wanted), outputs=False)
+            for step, free in zip(plan.steps, plan.free):
+                self._run(step, env, False)
+                for name in free:
+                    env.pop(name, None)
+            return {name: env[name] for name in wanted}
         plan = self._plan(frozenset(wanted))
         align = any(t.device.type != "cpu" for t in inputs if isinstance(t, torch.Tensor))
         for step, free in zip(plan.steps, plan.free):
@@ -240,13 +248,13 @@ class TorchGraph(nn.Module):
             for name in step.outputs:
                 self._apply_hook(name, env)
 
-    def _plan(self, wanted: frozenset) -> _Plan:
-        """Only the steps that feed an output or a tap; each tensor is dropped after its
-        last consumer unless it is wanted (frees memory during long forwards)."""
-        plan = self._plans.get(wanted)
+    def _plan(self, wanted: frozenset, outputs: bool = True) -> _Plan:
+        """Only the steps that feed an output (unless not `outputs`) or a tap; each tensor is
+        dropped after its last consumer unless it is wanted (frees memory during long forwards)."""
+        plan = self._plans.get((wanted, outputs))
         if plan is not None:
             return plan
-        keep = set(self.output_names) | set(wanted)
+        keep = (set(self.output_names) if outputs else set()) | set(wanted)
         needed, stack = set(), list(keep)
         while stack:
             index = self._producers.get(stack.pop())
@@ -264,7 +272,7 @@ class TorchGraph(nn.Module):
             if n not in keep:
                 free[i].append(n)
         plan = _Plan(steps, tuple(tuple(f) for f in free))
-        self._plans[wanted] = plan
+        self._plans[(wanted, outputs)] = plan
         return plan
 
     def _raw_value(self, name: str) -> np.ndarray:

@@ -132,3 +132,17 @@ def _is_number(text: Any) -> bool:
         return True
     except (ValueError, IndexError):
         return False
+
+
+def format_compress(result) -> str:
+    r = result.report
+    base, comp = r["baseline"], r["compressed"]
+    rows = [("val mIoU", f"{base['metrics']['miou']:.4f}", f"{comp['metrics']['miou']:.4f}")]
+    for threads in ("1_thread", "2_thread"):
+        rows.append((f"latency median, {threads.replace('_', ' ')}", f"{base['latency'][threads]['median_ms']:.2f} ms",
+                     f"{comp['latency'][threads]['median_ms']:.2f} ms  ({r['speedup'][threads]:.2f}x)"))
+    rows.append(("size", human_bytes(r["size_bytes"]["fp32"]), human_bytes(r["size_bytes"]["int8"])))
+    lines = [f"{r['model']} -> {result.model_path}", "", table(rows, header=("", "original", "compressed")), "",
+             f"runtime agrees with the training model on {r['agreement']:.2%} of val pixels; "
+             f"{r['wall_seconds']:.0f} s, peak memory {r['peak_rss_mb']:.0f} MB"]
+    return "\n".join(lines)

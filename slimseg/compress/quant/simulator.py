@@ -55,6 +55,11 @@ class QuantSimulator(nn.Module):
             key = f"w{index}"
             self.weights[key] = fq
             self._weight_keys[wq.initializer] = key
+        for bias in plan.biases:
+            act = plan.activation_of(bias.input_tensor)
+            if act is None or bias.weight not in self._weight_keys or bias.initializer not in self.graph.onnx_parameter_names:
+                continue
+            self.graph.parametrize(bias.initializer, BiasFakeQuant(self.activation(act.name), self.weight(bias.weight)))
         self.set_activation_state("off")
 
     # ---- running ----------------------------------------------------------------------
@@ -148,6 +153,27 @@ class QuantSimulator(nn.Module):
         return out
 
 
+class BiasFakeQuant(nn.Module):
+    """The int32 bias the runtime will use: ``round(b / (s_x s_w)) * s_x s_w`` per channel.
+
+    Its error is tiny, but it moves values across rounding boundaries of the layer's output
+    quantizer; simulating it keeps the runtime and the training model in step."""
+
+    def __init__(self, activation: ActivationFakeQuant, weight):
+        super().__init__()
+        # plain attributes, not submodules: both are registered elsewhere in the simulator
+        self.__dict__["activation"] = activation
+        self.__dict__["weight_fq"] = weight
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        act, wfq = self.__dict__["activation"], self.__dict__["weight_fq"]
+        if act.state.value != "quantize" or not wfq.enabled:
+            return b
+        step = (act.scale.detach().float() * wfq.scale.detach().float()).reshape(b.shape)
+        step = torch.clamp(step, min=1e-30)
+        return b + (torch.round(b / step) * step - b).detach()
+
+
 # ops whose outputs are a selection/rearrangement of their first input's values
 VALUE_PRESERVING = frozenset({"Reshape", "Transpose", "Split", "Slice", "Squeeze", "Unsqueeze", "Flatten",
                               "Gather", "MaxPool", "Identity", "GlobalMaxPool"})
@@ -193,7 +219,8 @@ def correct_biases(sim: QuantSimulator, batches: Sequence[torch.Tensor]) -> dict
     targets = [(node_bias[n.name], n.output[0]) for n in sim.model.graph.node
                if n.name in node_bias and node_bias[n.name] in trainable]
     taps = [tensor for _, tensor in targets]
-    reference = [_channel_means(sim.quantize(False)(images, taps=taps), taps) for images in batches]
+    reference = [_channel_means(sim.quantize(False).graph(images, taps=taps, only_taps=True), taps)
+                 for images in batches]
     recorder = _PreHookRecorder(sim.graph, taps)
     shifts: dict[str, float] = {}
     sim.quantize(True)
@@ -243,7 +270,7 @@ class _PreHookRecorder:
     def run(self, images, tensor: str | None = None) -> dict[str, torch.Tensor]:
         """Forward `images`; the pre-hook values of all tensors (or just `tensor`)."""
         self.store.clear()
-        self.graph(images, taps=[tensor] if tensor else self.tensors)
+        self.graph(images, taps=[tensor] if tensor else self.tensors, only_taps=True)
         return dict(self.store)
 
     def remove(self) -> None:

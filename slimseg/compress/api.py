@@ -1,0 +1,333 @@
+"""`compress(model, config, *, data, save_dir)`: the whole INT8 pipeline in one call.
+
+import -> baseline (mIoU and latency of the original, measured in onnxruntime) -> fold BN ->
+plan Q/DQ -> PTQ (calibration, optional bias correction and reconstruction) -> optional QAT
+distilled from the original model -> export Q/DQ into the user's graph -> verify the runtime
+agrees with the training model -> final mIoU and latency -> save_dir (written atomically).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from slimseg import __version__
+from slimseg.errors import ConfigError, SlimsegError
+
+log = logging.getLogger("slimseg")
+
+# Ops that only glue quantized layers together: quantized whatever quantize_op_types lists,
+# because a float op between two int8 layers costs a dequantize/quantize pair and, measured
+# in onnxruntime, the whole speedup (see the README's "Where Q/DQ go").
+GLUE_OPS = frozenset({"Add", "Mul", "Concat", "Softmax", "Sigmoid", "LeakyRelu", "GlobalAveragePool",
+                      "AveragePool", "Relu", "Clip", "MaxPool", "Resize", "Reshape", "Transpose", "Split",
+                      "Slice", "Squeeze", "Unsqueeze", "Flatten", "Gather", "Pad"})
+MIN_AGREEMENT = 0.995
+
+
+class ExportAgreementError(SlimsegError):
+    """onnxruntime's output of the exported model disagrees with the training model."""
+
+
+@dataclass
+class CompressResult:
+    save_dir: Path
+    report: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.save_dir / "model.onnx"
+
+
+def compress(model=None, config=None, *, data=None, save_dir="output", overwrite: bool = False,
+             progress: bool = True, bench_rounds: int = 200, log_fn: Callable[[str], None] | None = None,
+             input_shape=None) -> CompressResult:
+    """Compress `model` (anything `load_model` takes; default: the config's Global.model_dir)
+    with the strategy `config` (ACT YAML path, dict or StrategyConfig) on `data` (dataset YAML;
+    default: Global.reader_config). Writes model.onnx, report.json and strategy.yaml."""
+    from slimseg.config import load_strategy_config
+    from slimseg.data import build_dataset
+    from slimseg.evaluate import evaluate
+    from slimseg.io import atomic_dir, save_onnx
+    from slimseg.model.importers import load_model
+    from slimseg.train import peak_rss_mb
+
+    say = log_fn or log.info
+    started = time.perf_counter()
+    strategy = config if hasattr(config, "quant_aware") else load_strategy_config(config if config is not None else {})
+    _check_supported(strategy)
+    loaded = load_model(**_model_args(model, strategy), input_shape=input_shape)
+    data = data if data is not None else _reader_config(strategy)
+    val = build_dataset(data, "val")
+    train_spec = build_dataset(data, "train") if _has_train(data) else None
+    say(f"model {loaded.source}: {val.spec.num_classes} classes, val set {len(val)} images")
+
+    with atomic_dir(save_dir, overwrite=overwrite) as work:
+        baseline = evaluate(loaded, val, progress=progress)
+        say(f"baseline val mIoU {baseline.metrics.miou:.4f} (onnxruntime, FP32)")
+        stage = _quantize(loaded, strategy, val, train_spec, progress=progress, say=say)
+        exported = stage["model"]
+        agreement = verify_agreement(stage["simulator"], exported, val, progress=progress)
+        say(f"onnxruntime vs training model: argmax agrees on {agreement:.2%} of val pixels")
+        final = evaluate(exported, val, progress=progress)
+        say(f"compressed val mIoU {final.metrics.miou:.4f} (onnxruntime, INT8)")
+        latency = measure_latency(loaded.onnx, exported, loaded.input_shape, rounds=bench_rounds)
+        save_onnx(exported, work / "model.onnx")
+        (work / "strategy.yaml").write_text(strategy.to_yaml())
+        report = {
+            "slimseg": __version__,
+            "model": loaded.source,
+            "dataset": str(val.spec.source),
+            "strategy": strategy.resolved(),
+            "baseline": {"metrics": baseline.metrics.to_dict(), "latency": latency["fp32"]},
+            "compressed": {"metrics": final.metrics.to_dict(), "latency": latency["int8"]},
+            "metric_drop": round(baseline.metrics.miou - final.metrics.miou, 6),
+            "speedup": latency["speedup"],
+            "size_bytes": {"fp32": loaded.onnx.ByteSize(), "int8": exported.ByteSize()},
+            "agreement": agreement,
+            "quantization": stage["summary"],
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
+        (work / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    say(f"wrote {Path(save_dir) / 'model.onnx'} and report.json")
+    return CompressResult(Path(save_dir), report)
+
+
+# ---- stages ------------------------------------------------------------------------------
+
+def _quantize(loaded, strategy, val, train_set, *, progress: bool, say) -> dict[str, Any]:
+    """PTQ, then QAT when QuantAware is configured; returns the exported model and summary."""
+    from slimseg.compress.distill import find_distill_nodes
+    from slimseg.compress.quant.placement import plan_quantization
+    from slimseg.compress.quant.ptq import bias_correct, calibrate, reconstruct
+    from slimseg.compress.quant.simulator import QuantSimulator
+    from slimseg.config import QuantPost
+    from slimseg.model.passes import fold_batchnorm
+
+    quant = strategy.quant_aware or strategy.quant_post
+    post = strategy.quant_post or QuantPost(algo="mse", batch_nums=None)
+    prepared = fold_batchnorm.run(loaded.onnx).model
+    op_types = set(quant.onnx_op_types()) | GLUE_OPS
+    skip = set(getattr(post, "skip_tensor_list", None) or [])
+    exclude_nodes = _not_quant_nodes(prepared, getattr(strategy.quant_aware, "not_quant_pattern", None))
+    plan = plan_quantization(prepared, op_types=op_types, exclude_nodes=exclude_nodes, exclude_tensors=skip)
+    say(f"quantizing {len(plan.weights)} weights and {len(plan.activations)} activation groups; "
+        f"{len(plan.float_nodes)} nodes stay float")
+    weight_method = "mse" if strategy.quant_post is not None or strategy.quant_aware is None else "absmax"
+    sim = QuantSimulator(prepared, plan, weight_scale_method=weight_method)
+
+    calib_source = train_set if train_set is not None else val
+    calib_set = _deterministic(calib_source, val)
+    batch = max(1, post.batch_size)
+    count = len(calib_set) if post.batch_nums is None else min(len(calib_set), batch * post.batch_nums)
+    count = min(count, 256)
+    batches = _batches(calib_set, count, batch)
+    report = calibrate(sim, batches, algo=post.algo.value, hist_percent=post.hist_percent)
+    say(f"calibrated {report.calibration_images} images with {report.algo} ranges "
+        f"in {report.calibration_seconds:.1f} s")
+    nodes = _distill_nodes(strategy, loaded.onnx)
+    if strategy.quant_post is not None and post.bias_correct:
+        bias_correct(sim, batches, report)
+        say(f"bias correction in {report.bias_correction_seconds:.1f} s")
+    if strategy.quant_post is not None and post.recon_level:
+        from slimseg.compress.teacher import OrtTeacher
+
+        if post.regions:
+            say("QuantPost.regions is ignored: slimseg reconstructs all layers jointly")
+        iterations = max(1, post.epochs) * len(batches)
+        reconstruct(sim, OrtTeacher(loaded.onnx, nodes), batches, nodes, report,
+                    iterations=iterations, lr=post.lr if post.lr < 1 else 1e-2, progress=progress)
+        say(f"reconstruction ({iterations} steps) in {report.reconstruction['seconds']:.1f} s")
+    summary: dict[str, Any] = {
+        "weights": len(plan.weights), "activation_groups": len(plan.activations),
+        "float_nodes": plan.float_nodes, "ptq": report.to_dict(), "distill_nodes": nodes,
+    }
+    if strategy.quant_aware is not None:
+        summary["qat"] = _qat(sim, loaded, strategy, val, train_set, nodes, progress=progress, say=say)
+    sim.quantize(True)
+    return {"model": sim.export(), "simulator": sim, "summary": summary}
+
+
+def _qat(sim, loaded, strategy, val, train_set, nodes, *, progress: bool, say) -> dict[str, Any]:
+    """Quantization-aware training distilled from the original model (teacher in onnxruntime)."""
+    from slimseg.compress.distill import Distiller
+    from slimseg.compress.teacher import OrtTeacher
+    from slimseg.config import TrainConfig
+    from slimseg.data import collate
+    from slimseg.evaluate import evaluate
+    from slimseg.train import default_total_iters, train
+
+    if train_set is None:
+        raise ConfigError("QuantAware needs training images: the dataset config has no train_dataset",
+                          file=str(val.spec.source))
+    cfg = strategy.train_config or TrainConfig()
+    batch_size = strategy.train_batch_size(8)
+    total = default_total_iters(cfg, len(train_set), batch_size)
+    teacher = OrtTeacher(loaded.onnx, nodes)
+    distiller = Distiller(sim, teacher, strategy.distillation, nodes=nodes)
+    sim.quantize(True)
+    sim.train()
+    for p in sim.parameters():
+        p.requires_grad_(p.is_floating_point())
+    for fq in sim.activations.values():  # ranges stay as calibrated
+        for p in fq.parameters(recurse=False):
+            p.requires_grad_(False)
+    params = [p for p in sim.graph.parameters() if p.requires_grad]
+
+    def loader(epoch: int):
+        return torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
+                                           collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+
+    best: dict[str, Any] = {}
+
+    def evaluate_now() -> float:
+        was_training = sim.training
+        sim.eval()
+        miou = evaluate(sim.export(), val, progress=False).metrics.miou
+        sim.train(was_training)
+        return miou
+
+    def on_best(iteration: int, metric: float) -> None:
+        best.update(iteration=iteration, metric=metric, state=copy.deepcopy(sim.state_dict()))
+
+    say(f"QAT: {total} iterations at batch {batch_size}, distilling {nodes}")
+    result = train(distiller, params, loader, train_cfg=cfg, total_iters=total, evaluate=evaluate_now,
+                   on_best=on_best, progress=progress, log=say)
+    if best:
+        sim.load_state_dict(best["state"])
+    sim.eval()
+    summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+    summary["history"] = result.history
+    summary["batch_size"] = batch_size
+    return summary
+
+
+# ---- verification and latency -------------------------------------------------------------
+
+@torch.no_grad()
+def verify_agreement(sim, exported, dataset, *, limit: int | None = None, progress: bool = False,
+                     minimum: float = MIN_AGREEMENT) -> float:
+    """Share of val pixels where onnxruntime's argmax equals the fake-quant model's; below
+    `minimum` the export is wrong (a mismatched scale, a fused op that rounds differently)."""
+    from slimseg.hardware.runtime import OrtRuntime
+
+    runtime = OrtRuntime(exported, threads=torch.get_num_threads())
+    sim.eval()
+    sim.quantize(True)
+    same = total = 0
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    for i in range(count):
+        image = dataset[i].image[None].astype(np.float32)
+        ours = sim(torch.from_numpy(image))
+        ours = (ours[0] if isinstance(ours, tuple) else ours).numpy()
+        theirs = runtime.run(image)[0]
+        a, b = _class_map(ours), _class_map(theirs)
+        same += int((a == b).sum())
+        total += a.size
+    agreement = same / max(total, 1)
+    if agreement < minimum:
+        raise ExportAgreementError(
+            f"the exported model disagrees with the training model on {1 - agreement:.2%} of val pixels "
+            f"(argmax agreement {agreement:.4f} < {minimum}); refusing to write it")
+    return round(agreement, 6)
+
+
+def measure_latency(fp32, int8, input_shape, *, rounds: int = 200) -> dict[str, Any]:
+    """Interleaved FP32/INT8 medians in onnxruntime at 1 and 2 threads."""
+    from slimseg.hardware.bench import compare
+
+    shape = tuple(1 if d is None else d for d in input_shape) if input_shape else None
+    out: dict[str, Any] = {"fp32": {}, "int8": {}, "speedup": {}}
+    for threads in (1, 2):
+        results = compare({"fp32": fp32, "int8": int8}, rounds=rounds, threads=threads, input_shape=shape)
+        for name, r in results.items():
+            out[name][f"{threads}_thread"] = {"median_ms": round(r.median_ms, 3), "p90_ms": round(r.p90_ms, 3),
+                                              "min_ms": round(r.min_ms, 3)}
+        out["speedup"][f"{threads}_thread"] = round(results["fp32"].median_ms / results["int8"].median_ms, 3)
+    return out
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+def _check_supported(strategy) -> None:
+    for section, issue in (("unstructure_prune", "UnstructurePrune"), ("asp_prune", "ASPPrune"),
+                           ("channel_prune", "ChannelPrune"), ("transformer_prune", "TransformerPrune")):
+        if getattr(strategy, section) is not None:
+            raise ConfigError(f"{issue} is not supported yet in this release (quantization only)",
+                              file=strategy.source, key=issue)
+    if strategy.quant_aware is None and strategy.quant_post is None:
+        raise ConfigError("the strategy has no QuantAware or QuantPost section; automatic strategy "
+                          "selection is not available yet: add one of them", file=strategy.source)
+
+
+def _model_args(model, strategy) -> dict[str, Any]:
+    if model is not None:
+        return {"model": model}
+    g = strategy.global_
+    if g is None or g.model_dir is None:
+        raise SlimsegError("no model given: pass --model/--model_dir or set Global.model_dir in the strategy")
+    return {"model": None, "model_dir": g.model_dir, "model_filename": g.model_filename,
+            "params_filename": g.params_filename}
+
+
+def _reader_config(strategy):
+    if strategy.global_ is None or strategy.global_.reader_config is None:
+        raise SlimsegError("no dataset given: pass --dataset_config or set Global.reader_config in the strategy")
+    return strategy.global_.reader_config
+
+
+def _has_train(data) -> bool:
+    from slimseg.data import load_dataset_config
+
+    cfg = data if hasattr(data, "train") else load_dataset_config(data)
+    return cfg.train is not None
+
+
+def _deterministic(dataset, val):
+    """The same images through the val transforms (calibration wants no augmentation)."""
+    from slimseg.data import SegDataset
+
+    return SegDataset(dataset.spec, mode=dataset.mode, transforms=val.transforms)
+
+
+def _batches(dataset, count: int, batch: int) -> list[torch.Tensor]:
+    images = [torch.from_numpy(dataset[i].image) for i in range(count)]
+    return [torch.stack(images[i:i + batch]) for i in range(0, count, batch)]
+
+
+def _distill_nodes(strategy, model) -> list[str]:
+    from slimseg.compress.distill import find_distill_nodes
+
+    nodes = strategy.distillation.node if strategy.distillation is not None else []
+    flat = [n for item in nodes for n in (item if isinstance(item, list) else [item])]
+    return flat or find_distill_nodes(model)
+
+
+def _not_quant_nodes(model, patterns) -> list[str]:
+    """Nodes whose name contains one of `patterns` (ACT's not_quant_pattern / name_scope)."""
+    if not patterns:
+        return []
+    return [n.name for n in model.graph.node if any(p and p in n.name for p in patterns)]
+
+
+def _class_map(output: np.ndarray) -> np.ndarray:
+    out = np.asarray(output)
+    return out.argmax(1) if out.ndim == 4 and out.shape[1] > 1 and np.issubdtype(out.dtype, np.floating) else out
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "value"):
+        return value.value
+    return str(value)

@@ -1,0 +1,99 @@
+"""`compress` end to end on a tiny model and data the test makes itself."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from slimseg.cli import main
+from slimseg.compress.api import compress
+from slimseg.data import build_dataset
+from slimseg.demo import TinySegNet, make_synthetic_dataset, train_teacher
+from slimseg.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    data = make_synthetic_dataset(root / "data", train=32, val=6, size=32, seed=3)
+    torch.manual_seed(0)
+    net = TinySegNet(width=8)
+    # a trained teacher: an untrained one sits on argmax ties everywhere
+    train_teacher(net, build_dataset(data, "train"), epochs=6, batch_size=8, lr=2e-2, progress=False)
+    model = root / "model.onnx"
+    from slimseg.model.importers import load_model
+    from slimseg.io import save_onnx
+
+    save_onnx(load_model(net, input_shape=(1, 3, 32, 32)).onnx, model)
+    return model, data
+
+
+def _ops(model: onnx.ModelProto) -> set[str]:
+    return {n.op_type for n in model.graph.node}
+
+
+def test_ptq_writes_a_verified_int8_model(tiny, tmp_path):
+    model, data = tiny
+    strategy = {"QuantPost": {"algo": "mse", "batch_size": 4, "batch_nums": 2, "bias_correct": True}}
+    result = compress(model, strategy, data=data, save_dir=tmp_path / "out", progress=False, bench_rounds=5)
+    out = onnx.load(result.model_path)
+    onnx.checker.check_model(out)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(out)
+    assert "BatchNormalization" not in _ops(out)
+    int8 = [t for t in out.graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_quantized")]
+    assert len(int8) == sum(n.op_type == "Conv" for n in out.graph.node)
+    # the user's names survive: same input and output names as the original
+    original = onnx.load(model)
+    assert [i.name for i in out.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in out.graph.output] == [o.name for o in original.graph.output]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["agreement"] >= 0.995
+    assert set(report["baseline"]["latency"]) == {"1_thread", "2_thread"}
+    assert report["quantization"]["ptq"]["algo"] == "mse"
+    assert "bias_correction_seconds" in report["quantization"]["ptq"]
+    assert (tmp_path / "out" / "strategy.yaml").read_text().startswith("# slimseg strategy")
+    session = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"])
+    y = session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, 32, 32), np.float32)})[0]
+    assert y.shape == (1, 3, 32, 32)
+
+
+def test_qat_trains_with_distillation_and_keeps_the_best(tiny, tmp_path):
+    model, data = tiny
+    strategy = {"Distillation": {"alpha": 1.0, "loss": "l2"},
+                "QuantAware": {"quantize_op_types": ["conv2d", "depthwise_conv2d"]},
+                "TrainConfig": {"train_iter": 4, "eval_iter": 2, "learning_rate": 1e-4, "batch_size": 4,
+                                "optimizer_builder": {"optimizer": {"type": "SGD"}, "weight_decay": 5e-4}}}
+    result = compress(model, strategy, data=data, save_dir=tmp_path / "qat", progress=False, bench_rounds=5)
+    qat = result.report["quantization"]["qat"]
+    assert qat["iterations"] == 4
+    assert [h["iteration"] for h in qat["history"] if h.get("metric") is not None] == [2, 4]
+    assert qat["best_metric"] == max(h["metric"] for h in qat["history"] if h.get("metric") is not None)
+    assert result.report["quantization"]["distill_nodes"]
+
+
+def test_cli_compress_and_seed_flags(tiny, tmp_path, capsys):
+    model, data = tiny
+    config = tmp_path / "ptq.yaml"
+    config.write_text("QuantPost:\n  algo: minmax\n  batch_size: 4\n  batch_nums: 1\n")
+    code = main(["compress", "--model", str(model), "--strategy_config", str(config), "--dataset_config",
+                 str(data), "--save_dir", str(tmp_path / "cli"), "--output", "json", "--quiet"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["agreement"] >= 0.995
+    # a second run refuses to mix with the finished result
+    code = main(["compress", "--model", str(model), "--strategy_config", str(config), "--dataset_config",
+                 str(data), "--save_dir", str(tmp_path / "cli"), "--quiet"])
+    assert code != 0 and "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strategy, match", [
+    ({"TrainConfig": {"train_iter": 5}}, "no QuantAware or QuantPost"),
+    ({"QuantPost": {}, "UnstructurePrune": {"ratio": 0.5}}, "UnstructurePrune is not supported yet"),
+    ({"QuantPost": {"algo": "mse", "bias_corect": True}}, "bias_corect"),
+])
+def test_strategy_errors_name_the_problem(tiny, tmp_path, strategy, match):
+    model, data = tiny
+    with pytest.raises(ConfigError, match=match):
+        compress(model, strategy, data=data, save_dir=tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
