@@ -294,3 +294,44 @@ def test_attached_module_sees_and_changes_the_tensor_for_every_reader():
     torch.testing.assert_close(graph(x)[0], 2 * h)
     with pytest.raises(SlimsegError):
         graph.attach("nope", Double())
+
+
+def test_only_taps_runs_just_what_the_taps_need():
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1, 4] x) => (float[1, 4] y) {
+        h = Relu (x)
+        y = Exp (h)
+    }
+    """
+    graph = TorchGraph(onnx.parser.parse_model(text))
+    x = torch.tensor([[-1.0, 0.5, 2.0, 3.0]])
+    out = graph(x, taps=["h"], only_taps=True)
+    assert list(out) == ["h"]
+    torch.testing.assert_close(out["h"], torch.relu(x))
+    steps = graph._plan(frozenset({"h"}), outputs=False).steps
+    assert [s.op_type for s in steps] == ["Relu"]
+
+
+def test_parametrize_computes_the_weight_through_a_module():
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1, 2] x) => (float[1, 3] y) {
+        y = Gemm <transB = 1> (x, W)
+    }
+    """
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((3, 2), np.float32), "W"))
+    graph = TorchGraph(model)
+
+    class Halve(torch.nn.Module):
+        def forward(self, w):
+            return w / 2
+
+    graph.parametrize("W", Halve())
+    torch.testing.assert_close(graph(torch.ones(1, 2)), torch.ones(1, 3))
+    # the raw weight stays what to_onnx writes and what trains
+    assert graph.parameter("W").requires_grad
+    np.testing.assert_array_equal(numpy_helper.to_array(graph.to_onnx().graph.initializer[0]), np.ones((3, 2)))
+    with pytest.raises(SlimsegError):
+        graph.parametrize("nope", Halve())
