@@ -113,7 +113,8 @@ def _quantize(loaded, strategy, val, train_set, *, progress: bool, say) -> dict[
     from slimseg.model.passes import fold_batchnorm
 
     quant = strategy.quant_aware or strategy.quant_post
-    post = strategy.quant_post or QuantPost(algo="mse", batch_nums=None)
+    # QAT without a QuantPost section: MSE ranges from 32 images only initialise the scales
+    post = strategy.quant_post or QuantPost(algo="mse", batch_size=8, batch_nums=4)
     prepared = fold_batchnorm.run(loaded.onnx).model
     op_types = set(quant.onnx_op_types()) | GLUE_OPS
     skip = set(getattr(post, "skip_tensor_list", None) or [])
