@@ -252,7 +252,7 @@ def _to_enum(value, tp, dotted, ctx):
     parse = getattr(tp, "parse", None)
     try:
         return parse(value) if parse else tp(value)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, ConfigError):
         names = getattr(tp, "spellings", lambda: [m.value for m in tp])()
         raise _error(f"expected one of {', '.join(names)}, got {value!r}"
                           f"{did_you_mean(str(value), names)}", ctx, dotted) from None

@@ -53,8 +53,9 @@ def onnx_op_types(names: Iterable[str]) -> set[str]:
     return out
 
 
-class PTQAlgo(enum.Enum):
-    """How PTQ picks an activation's range from calibration data.
+class PTQAlgo(str, enum.Enum):
+    """How PTQ picks an activation's range from calibration data (one enum for the config and
+    the range search in :mod:`slimseg.compress.quant.ranges`).
 
     MINMAX: max |x| seen; AVG: mean over batches of max |x|; PERCENTILE: the ``hist_percent``
     quantile of the |x| histogram; KL: the threshold minimising KL(P_float || P_quant) over the
@@ -69,20 +70,23 @@ class PTQAlgo(enum.Enum):
 
     @classmethod
     def parse(cls, name) -> "PTQAlgo":
+        """The enum, its value, or a PaddleSlim/onnxruntime spelling (KL, hist, abs_max, entropy)."""
         if isinstance(name, cls):
             return name
-        if not isinstance(name, str) or name.lower() not in _ALGO_NAMES:
-            raise ValueError(name)
-        return _ALGO_NAMES[name.lower()]
+        key = str(name).strip().lower()
+        if key not in _ALGO_NAMES:
+            raise ConfigError(f"unknown range method {name!r}; expected one of {sorted(_ALGO_NAMES)}"
+                              f"{did_you_mean(key, _ALGO_NAMES)}", key="algo")
+        return _ALGO_NAMES[key]
 
     @classmethod
     def spellings(cls) -> list[str]:
         return list(_ALGO_NAMES)
 
 
-_ALGO_NAMES = {"minmax": PTQAlgo.MINMAX, "abs_max": PTQAlgo.MINMAX, "avg": PTQAlgo.AVG,
-               "percentile": PTQAlgo.PERCENTILE, "hist": PTQAlgo.PERCENTILE,
-               "kl": PTQAlgo.KL, "entropy": PTQAlgo.KL, "mse": PTQAlgo.MSE}
+_ALGO_NAMES = {"minmax": PTQAlgo.MINMAX, "abs_max": PTQAlgo.MINMAX, "min_max": PTQAlgo.MINMAX,
+               "max": PTQAlgo.MINMAX, "avg": PTQAlgo.AVG, "percentile": PTQAlgo.PERCENTILE,
+               "hist": PTQAlgo.PERCENTILE, "kl": PTQAlgo.KL, "entropy": PTQAlgo.KL, "mse": PTQAlgo.MSE}
 
 WeightQuantType = Literal["channel_wise_abs_max", "abs_max"]
 ActQuantType = Literal["moving_average_abs_max", "range_abs_max", "abs_max"]
@@ -158,7 +162,7 @@ class QuantPost(_QuantKeys):
         super().__post_init__()
         try:
             self.algo = PTQAlgo.parse(self.algo)
-        except ValueError:
+        except ConfigError:
             raise invalid("algo", f"expected one of {', '.join(PTQAlgo.spellings())}, "
                                   f"got {self.algo!r}") from None
         if not 0.0 < self.hist_percent <= 1.0:

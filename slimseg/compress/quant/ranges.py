@@ -31,6 +31,7 @@ import torch
 
 from slimseg.compress.quant.observers import (AvgMinMaxObserver, HistogramObserver,
                                               MinMaxObserver)
+from slimseg.config.quant import PTQAlgo
 from slimseg.errors import ConfigError, did_you_mean
 
 
@@ -91,30 +92,8 @@ def fake_quant_np(x: np.ndarray, scale, zp, grid: QuantGrid) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- methods
-class RangeMethod(str, Enum):
-    MINMAX = "minmax"
-    AVG = "avg"
-    PERCENTILE = "percentile"
-    KL = "kl"
-    MSE = "mse"
-
-    @classmethod
-    def parse(cls, value: "RangeMethod | str") -> "RangeMethod":
-        """Accepts the enum, its value, or PaddleSlim/ORT spellings (``KL``, ``hist``,
-        ``abs_max``, ``min_max``, ``entropy``)."""
-        if isinstance(value, cls):
-            return value
-        key = str(value).strip().lower()
-        if key in _ALIASES:
-            return _ALIASES[key]
-        raise ConfigError(f"unknown range method {value!r}; expected one of "
-                          f"{sorted(_ALIASES)}{did_you_mean(key, _ALIASES)}", key="algo")
-
-
-_ALIASES = {m.value: m for m in RangeMethod} | {
-    "abs_max": RangeMethod.MINMAX, "min_max": RangeMethod.MINMAX, "max": RangeMethod.MINMAX,
-    "hist": RangeMethod.PERCENTILE, "entropy": RangeMethod.KL,
-}
+# one enum for the config's QuantPost.algo and the range search here
+RangeMethod = PTQAlgo
 
 
 @dataclass(frozen=True)

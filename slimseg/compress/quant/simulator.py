@@ -279,13 +279,3 @@ class _PreHookRecorder:
                 self.graph.detach(t)
             else:
                 self.graph.attach(t, module)
-
-
-def _channel_means(values: dict[str, torch.Tensor], taps: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Per-channel mean over batch and space of each tapped (N, C, ...) tensor."""
-    out = {}
-    for t in taps:
-        v = values[t]
-        dims = [d for d in range(v.dim()) if d != 1] if v.dim() > 1 else [0]
-        out[t] = v.mean(dim=dims)
-    return out
