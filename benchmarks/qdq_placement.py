@@ -84,7 +84,7 @@ def main() -> None:
     results = compare(models, rounds=args.rounds, threads=args.threads, input_shape=(1, 3, SIZE, SIZE))
     base = results["fp32"].median_ms
     print(f"machine: {machine_info()}")
-    print(f"| model | median ms | p90 ms | speedup vs fp32 | argmax agreement vs fp32 (20 val) |")
+    print("| model | median ms | p90 ms | speedup vs fp32 | argmax agreement vs fp32 (20 val) |")
     print("|---|---|---|---|---|")
     for key, r in results.items():
         agree = agreement(fp32, models[key], val)

@@ -105,7 +105,6 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
 
 def _quantize(loaded, strategy, val, train_set, *, progress: bool, say) -> dict[str, Any]:
     """PTQ, then QAT when QuantAware is configured; returns the exported model and summary."""
-    from slimseg.compress.distill import find_distill_nodes
     from slimseg.compress.quant.placement import plan_quantization
     from slimseg.compress.quant.ptq import bias_correct, calibrate, reconstruct
     from slimseg.compress.quant.simulator import QuantSimulator

@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from enum import Enum
 from typing import Callable
 
 import numpy as np
