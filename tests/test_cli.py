@@ -15,7 +15,7 @@ def test_help_lists_every_command(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("eval", "bench", "inspect", "demo"):
+    for command in ("compress", "eval", "bench", "inspect", "demo"):
         assert command in out
 
 
@@ -77,3 +77,19 @@ def test_bad_input_shape_is_rejected(capsys):
         main(["bench", "--model", "m.onnx", "--input_shape", "1,3,abc"])
     assert exit_info.value.code == 2
     assert "N,C,H,W" in capsys.readouterr().err
+
+
+def test_seed_run_py_is_compress_with_the_seed_flags():
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "run.py"), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    for flag in ("--model_dir", "--model_filename", "--params_filename", "--save_dir", "--strategy_config",
+                 "--dataset_config", "--deploy_hardware"):
+        assert flag in done.stdout
+
+
+def test_compress_refuses_unsupported_deploy_hardware(capsys):
+    code = main(["compress", "--model", "m.onnx", "--strategy_config", "s.yaml", "--deploy_hardware", "SD710"])
+    assert code != 0
+    assert "SD710" in capsys.readouterr().err
