@@ -89,8 +89,8 @@ def reconstruct(sim: QuantSimulator, teacher: torch.nn.Module, batches: Sequence
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        first = float(rec) if first is None else first
-        last = float(rec)
+        last = float(rec.detach())
+        first = last if first is None else first
         if bar is not None:
             bar.update(1)
             bar.set_postfix(rec=f"{last:.4g}")
