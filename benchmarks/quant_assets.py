@@ -22,7 +22,9 @@ from pathlib import Path
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"pp_humanseg_lite_192": ("mini_supervisely_192.yaml", "pp_humanseg_ptq.yaml", "pp_humanseg_qat.yaml")}
+CONFIGS = {"pp_humanseg_lite_192": ("mini_supervisely_192.yaml", "pp_humanseg_ptq.yaml", "pp_humanseg_qat.yaml"),
+           "pp_humanseg_lite_portrait_398x224": ("mini_supervisely_398x224.yaml", "pp_humanseg_portrait_ptq.yaml",
+                                                 "pp_humanseg_portrait_qat.yaml")}
 
 
 def run_child(cmd: list[str]) -> tuple[float, float, str]:
@@ -108,7 +110,8 @@ def main() -> None:
                    for t in (1, 2)}
     fp32 = {t: latency[t]["FP32"].median_ms for t in (1, 2)}
     print(f"machine: {json.dumps(machine_info())}")
-    print(f"command: python benchmarks/quant_assets.py --model {args.model} --rounds {args.rounds}\n")
+    skip = f" --skip {' '.join(args.skip)}" if args.skip else ""
+    print(f"command: python benchmarks/quant_assets.py --model {args.model} --rounds {args.rounds}{skip}\n")
     print("| method | val mIoU | 1 thread ms (speedup) | 2 threads ms (speedup) | size KiB | wall s | peak MB | s/iter |")
     print("|---|---|---|---|---|---|---|---|")
     for label, row in rows.items():

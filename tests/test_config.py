@@ -546,21 +546,29 @@ def test_adamw_default_decay_is_paddles():
 
 # ----------------------------------------------------------------------------- examples
 EXAMPLES = ["pp_humanseg_qat", "pp_humanseg_ptq", "pp_humanseg_sparse", "pp_humanseg_auto"]
+PORTRAIT_EXAMPLES = ["pp_humanseg_portrait_qat", "pp_humanseg_portrait_ptq"]
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+def _example_target(name):
+    """(dataset YAML, model folder) an example config must point at."""
+    if name in PORTRAIT_EXAMPLES:
+        return "mini_supervisely_398x224.yaml", "pp_humanseg_lite_portrait_398x224"
+    return "mini_supervisely_192.yaml", "pp_humanseg_lite_192"
+
+
+@pytest.mark.parametrize("name", EXAMPLES + PORTRAIT_EXAMPLES)
 def test_example_configs_load_and_round_trip(name):
     cfg = load_strategy_config(ROOT / "examples" / "configs" / f"{name}.yaml")
     configs = ROOT / "examples" / "configs"
-    assert cfg.global_.reader_config == configs / "dataset" / "mini_supervisely_192.yaml"
+    assert cfg.global_.reader_config == configs / "dataset" / _example_target(name)[0]
     assert cfg.global_.reader_config.is_file()
     assert load_strategy_config(yaml.safe_load(cfg.to_yaml())) == cfg
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("name", EXAMPLES + PORTRAIT_EXAMPLES)
 def test_example_model_dir_resolves_to_assets(assets, name):
     cfg = load_strategy_config(ROOT / "examples" / "configs" / f"{name}.yaml")
-    assert cfg.global_.model_dir == assets / "models" / "pp_humanseg_lite_192"
+    assert cfg.global_.model_dir == assets / "models" / _example_target(name)[1]
     assert (cfg.global_.model_dir / cfg.global_.model_filename).is_file()
 
 
