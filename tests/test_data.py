@@ -273,3 +273,27 @@ def test_gray_images_with_img_channels_1(tmp_path):
         "    - type: Normalize\n  mode: val", "    - type: Normalize\n      mean: [0.5]\n      std: [0.5]\n  mode: val")
     s = build_dataset(write_cfg(tmp_path / "seg.yml", text), "val")[0]
     assert s.image.shape == (1, 12, 16)
+
+
+def test_decoded_cache_changes_nothing_but_the_cost(cfg_path, monkeypatch):
+    plain = build_dataset(cfg_path, "train")
+    cached = build_dataset(cfg_path, "train")
+    cached.cache_decoded()
+    for epoch in (0, 1, 0):  # random transforms must not alter what the cache holds
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in range(len(plain)):
+            a, b = plain[i], cached[i]
+            np.testing.assert_array_equal(a.image, b.image)
+            np.testing.assert_array_equal(a.label, b.label)
+    import slimseg.data.datasets as datasets
+
+    def no_more_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(datasets, "load_image", no_more_decoding)
+    cached[0]  # served from memory
+    small = build_dataset(cfg_path, "train")
+    small.cache_decoded(max_bytes=0)  # over budget: decoded every time, nothing kept
+    with pytest.raises(AssertionError, match="decoded again"):
+        small[0]

@@ -173,6 +173,8 @@ def _qat(sim, loaded, strategy, val, train_set, nodes, *, progress: bool, say) -
     total = default_total_iters(cfg, len(train_set), batch_size)
     teacher = OrtTeacher(loaded.onnx, nodes)
     distiller = Distiller(sim, teacher, strategy.distillation, nodes=nodes)
+    if hasattr(train_set, "cache_decoded"):
+        train_set.cache_decoded()  # every image is read once per epoch for many epochs
     sim.quantize(True)
     sim.train()
     for p in sim.parameters():
