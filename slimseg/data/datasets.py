@@ -178,7 +178,8 @@ class SegDataset(_Seeded, torch.utils.data.Dataset):
     def _decoded(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         cache = getattr(self, "_cache", None)
         if cache is not None and index in cache:
-            return cache[index]
+            image, label = cache[index]
+            return image, (None if label is None else label.astype(np.int64))
         item = self.items[index]
         image = load_image(item.image, self.spec.img_channels)
         label = None
@@ -188,10 +189,14 @@ class SegDataset(_Seeded, torch.utils.data.Dataset):
             if label.shape != image.shape[:2]:
                 raise DataError(f"label {item.label} is {label.shape[1]}x{label.shape[0]} but image "
                                 f"{item.image} is {image.shape[1]}x{image.shape[0]}")
-        size = image.nbytes + (0 if label is None else label.nbytes)
-        if cache is not None and size <= self._cache_room:
-            cache[index] = (image, label)
-            self._cache_room -= size
+        if cache is not None:
+            # labels are int64 for the loss but fit uint8 almost always: 8x less memory cached
+            small = None if label is None else label.astype(np.uint8 if 0 <= label.min() and label.max() <= 255
+                                                            else np.int32)
+            size = image.nbytes + (0 if small is None else small.nbytes)
+            if size <= self._cache_room:
+                cache[index] = (image, small)
+                self._cache_room -= size
         return image, label
 
     def __getitem__(self, index: int) -> Sample:
