@@ -53,7 +53,7 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
     with the strategy `config` (ACT YAML path, dict or StrategyConfig) on `data` (dataset YAML;
     default: Global.reader_config). Writes model.onnx, report.json and strategy.yaml."""
     from slimseg.config import load_strategy_config
-    from slimseg.data import build_dataset
+    from slimseg.data import DatasetConfig, build_dataset, load_dataset_config
     from slimseg.evaluate import evaluate
     from slimseg.io import atomic_dir, save_onnx
     from slimseg.model.importers import load_model
@@ -64,9 +64,10 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
     strategy = config if hasattr(config, "quant_aware") else load_strategy_config(config if config is not None else {})
     _check_supported(strategy)
     loaded = load_model(**_model_args(model, strategy), input_shape=input_shape)
-    data = data if data is not None else _reader_config(strategy)
+    data = load_dataset_config(data if data is not None else _reader_config(strategy)) \
+        if not isinstance(data, DatasetConfig) else data
     val = build_dataset(data, "val")
-    train_spec = build_dataset(data, "train") if _has_train(data) else None
+    train_spec = build_dataset(data, "train") if data.train is not None else None
     say(f"model {loaded.source}: {val.spec.num_classes} classes, val set {len(val)} images")
 
     with atomic_dir(save_dir, overwrite=overwrite) as work:
@@ -284,13 +285,6 @@ def _reader_config(strategy):
     if strategy.global_ is None or strategy.global_.reader_config is None:
         raise SlimsegError("no dataset given: pass --dataset_config or set Global.reader_config in the strategy")
     return strategy.global_.reader_config
-
-
-def _has_train(data) -> bool:
-    from slimseg.data import load_dataset_config
-
-    cfg = data if hasattr(data, "train") else load_dataset_config(data)
-    return cfg.train is not None
 
 
 def _deterministic(dataset, val):

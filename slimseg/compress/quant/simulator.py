@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 from slimseg.compress.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
@@ -140,18 +138,6 @@ class QuantSimulator(nn.Module):
             weight_params[name] = fq.quantized(self.graph.parameter(name))
         return insert_qdq(float_model, self.plan, activation_params=activation_params, weight_params=weight_params)
 
-    def weight_error(self) -> dict[str, float]:
-        """Relative L2 error of each quantized weight (a per-layer sensitivity hint)."""
-        out = {}
-        for name, key in self._weight_keys.items():
-            w = self.graph.parameter(name).detach()
-            scale, q = self.weights[key].quantized(w)
-            shape = [1] * w.dim()
-            shape[self.weights[key].axis] = -1
-            wq = torch.from_numpy(q.astype(np.float32)) * torch.from_numpy(scale).reshape(shape)
-            out[name] = float((w - wq).norm() / w.norm().clamp_min(1e-12))
-        return out
-
 
 class BiasFakeQuant(nn.Module):
     """The int32 bias the runtime will use: ``round(b / (s_x s_w)) * s_x s_w`` per channel.
@@ -193,13 +179,6 @@ def biases_by_node(model: onnx.ModelProto) -> dict[str, str]:
     inits = {t.name for t in model.graph.initializer}
     return {n.name: n.input[2] for n in model.graph.node
             if n.op_type in ("Conv", "ConvTranspose", "Gemm") and len(n.input) > 2 and n.input[2] in inits}
-
-
-def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
-    for t in model.graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    raise KeyError(name)
 
 
 @torch.no_grad()
