@@ -64,7 +64,25 @@ def scores_to_labels(output: np.ndarray, label_hw: tuple[int, int], *, num_class
     scores = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
     if tuple(scores.shape[-2:]) != tuple(label_hw):
         scores = F.interpolate(scores, size=label_hw, mode="bilinear", align_corners=False)
-    return scores.argmax(1).numpy()
+    return channel_argmax(scores)
+
+
+def channel_argmax(scores) -> np.ndarray:
+    """``scores.argmax(1)`` of an (N, C, H, W) array or tensor.
+
+    torch reduces over the strided channel axis very slowly (measured 88 ms for 2 x 400 x 656)
+    and numpy's argmax is 2x slower than a running maximum when there are few classes, so
+    those are C - 1 vectorised compares. Ties keep the first class, as argmax does.
+    """
+    scores = scores.numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+    if scores.shape[1] > 4:
+        return scores.argmax(1)
+    best = scores[:, 0].copy()
+    index = np.zeros(best.shape, dtype=np.int64)
+    for c in range(1, scores.shape[1]):
+        np.copyto(index, c, where=scores[:, c] > best)
+        np.maximum(best, scores[:, c], out=best)
+    return index
 
 
 def evaluate(

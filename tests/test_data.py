@@ -275,6 +275,18 @@ def test_gray_images_with_img_channels_1(tmp_path):
     assert s.image.shape == (1, 12, 16)
 
 
+def test_val_cache_keeps_labels_at_their_own_size(cfg_path):
+    plain = build_dataset(cfg_path, "val")
+    cached = build_dataset(cfg_path, "val")
+    cached.cache_decoded()
+    for _ in range(2):
+        for i in range(len(plain)):
+            a, b = plain[i], cached[i]
+            np.testing.assert_array_equal(a.image, b.image)
+            np.testing.assert_array_equal(a.label, b.label)
+            assert b.label.shape == (14, 20) and b.image.shape == (3, 12, 16)
+
+
 def test_decoded_cache_changes_nothing_but_the_cost(cfg_path, monkeypatch):
     plain = build_dataset(cfg_path, "train")
     cached = build_dataset(cfg_path, "train")
@@ -293,6 +305,7 @@ def test_decoded_cache_changes_nothing_but_the_cost(cfg_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_image", no_more_decoding)
     cached[0]  # served from memory
+    assert not cached._cache[0][0].flags.writeable  # an in-place op fails instead of corrupting
     small = build_dataset(cfg_path, "train")
     small.cache_decoded(max_bytes=0)  # over budget: decoded every time, nothing kept
     with pytest.raises(AssertionError, match="decoded again"):

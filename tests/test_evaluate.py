@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from slimseg.errors import DataError
 from slimseg.evaluate import evaluate, scores_to_labels
@@ -44,3 +45,12 @@ def test_class_id_maps_are_resized_nearest():
 def test_class_count_mismatch_is_an_error():
     with pytest.raises(DataError, match="num_classes=3"):
         scores_to_labels(np.zeros((1, 2, 4, 4), np.float32), (4, 4), num_classes=3)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 7])
+def test_channel_argmax_equals_argmax_ties_included(classes):
+    from slimseg.evaluate import channel_argmax
+
+    scores = np.random.default_rng(classes).integers(0, 3, size=(2, classes, 9, 11)).astype(np.float32)
+    np.testing.assert_array_equal(channel_argmax(scores), scores.argmax(1))
+    np.testing.assert_array_equal(channel_argmax(torch.from_numpy(scores)), scores.argmax(1))

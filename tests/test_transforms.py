@@ -169,6 +169,25 @@ def test_deterministic_drops_random_ops():
     assert [op["type"] for op in c.deterministic().to_list()] == ["Resize", "Normalize"]
 
 
+def test_static_prefix_stops_at_the_first_random_draw():
+    c = Compose([{"type": "Resize", "target_size": [8, 8]}, {"type": "Normalize"},
+                 {"type": "RandomHorizontalFlip"}, {"type": "Normalize"}])
+    assert c.static_prefix() == 2
+    random_interp = Compose([{"type": "Resize", "target_size": [8, 8], "interp": "RANDOM"}])
+    assert random_interp.static_prefix() == 0
+
+
+def test_running_in_two_parts_equals_one_call():
+    c = Compose([{"type": "Resize", "target_size": [8, 6]}, {"type": "RandomHorizontalFlip"},
+                 {"type": "RandomDistort", "brightness_prob": 1}, {"type": "Normalize"}])
+    im, lab = _image(20, 14), np.arange(14 * 20).reshape(14, 20) % 2
+    whole = c(im, lab, rng=np.random.default_rng(3))
+    head = c.run(*Compose.start(im, lab), stop=c.static_prefix())
+    tail = Compose.finish(*c.run(*head, rng=np.random.default_rng(3), first=c.static_prefix()))
+    np.testing.assert_array_equal(whole[0], tail[0])
+    np.testing.assert_array_equal(whole[1], tail[1])
+
+
 def test_rotation_grows_canvas_and_pads_label():
     im, lab = _image(20, 20), np.zeros((20, 20), int)
     out, olab = run([{"type": "RandomRotation", "max_rotation": 30}], im, lab, seed=2)

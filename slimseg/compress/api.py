@@ -67,6 +67,7 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
     data = load_dataset_config(data if data is not None else _reader_config(strategy)) \
         if not isinstance(data, DatasetConfig) else data
     val = build_dataset(data, "val")
+    val.cache_decoded()  # evaluated 3 times or more (baseline, agreement, final, during QAT)
     train_spec = build_dataset(data, "train") if data.train is not None else None
     say(f"model {loaded.source}: {val.spec.num_classes} classes, val set {len(val)} images")
 
@@ -163,6 +164,7 @@ def _qat(sim, loaded, strategy, val, train_set, nodes, *, progress: bool, say) -
     from slimseg.compress.teacher import OrtTeacher
     from slimseg.config import TrainConfig
     from slimseg.data import collate
+    from slimseg.data.prefetch import Prefetcher
     from slimseg.evaluate import evaluate
     from slimseg.train import default_total_iters, train
 
@@ -185,9 +187,14 @@ def _qat(sim, loaded, strategy, val, train_set, nodes, *, progress: bool, say) -
             p.requires_grad_(False)
     params = [p for p in sim.graph.parameters() if p.requires_grad]
 
+    def with_teacher(batch: dict) -> dict:
+        return {**batch, "teacher": distiller.teach(batch["image"])}
+
     def loader(epoch: int):
-        return torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
-                                           collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        batches = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
+                                              collate_fn=collate,
+                                              generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        return Prefetcher(batches, with_teacher)  # next batch and its teacher tensors, overlapped
 
     best: dict[str, Any] = {}
 
@@ -315,8 +322,11 @@ def _not_quant_nodes(model, patterns) -> list[str]:
 
 
 def _class_map(output: np.ndarray) -> np.ndarray:
+    from slimseg.evaluate import channel_argmax
+
     out = np.asarray(output)
-    return out.argmax(1) if out.ndim == 4 and out.shape[1] > 1 and np.issubdtype(out.dtype, np.floating) else out
+    is_scores = out.ndim == 4 and out.shape[1] > 1 and np.issubdtype(out.dtype, np.floating)
+    return channel_argmax(out) if is_scores else out
 
 
 def _jsonable(value):

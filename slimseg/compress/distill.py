@@ -327,9 +327,11 @@ class Distiller(nn.Module):
         self.teacher.eval()
         return self
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
-        with torch.no_grad():
-            t_out = self.teacher(images, taps=self.nodes)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                teacher_out: dict | None = None):
+        """``teacher_out``: the teacher's tensors for these images when already computed
+        (e.g. ahead of time by :meth:`teach` in a prefetch thread)."""
+        t_out = teacher_out if teacher_out is not None else self.teach(images)
         s_out = self.student(images, taps=self.nodes)
         if not isinstance(s_out, dict):
             raise SlimsegError(f"the student returned {type(s_out).__name__}, expected a dict of "
@@ -349,9 +351,15 @@ class Distiller(nn.Module):
             total = total + self.label_weight * value
         return total, parts
 
+    @torch.no_grad()
+    def teach(self, images: torch.Tensor) -> dict:
+        """The teacher's tapped tensors for ``images``."""
+        return self.teacher(images, taps=self.nodes)
+
     def batch_loss(self, batch: dict):
-        """The training loop's entry point: a batch dict from :func:`slimseg.data.collate`."""
-        return self(batch["image"], batch.get("label"))
+        """The training loop's entry point: a batch dict from :func:`slimseg.data.collate`,
+        with the teacher's tensors under ``"teacher"`` when they were computed ahead."""
+        return self(batch["image"], batch.get("label"), batch.get("teacher"))
 
     def _score(self, out: dict) -> torch.Tensor:
         key = self.output if self.output in out else next(iter(out))

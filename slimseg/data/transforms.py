@@ -171,6 +171,12 @@ class Transform:
     def apply(self, im: np.ndarray, label, rng: np.random.Generator):
         raise NotImplementedError
 
+    @property
+    def uses_rng(self) -> bool:
+        """Whether ``apply`` draws from ``rng``: the leading ops that don't give the same output
+        every time, so datasets may cache it (see :meth:`Compose.static_prefix`)."""
+        return self.random
+
     def to_dict(self) -> dict:
         return {"type": type(self).__name__, **dataclasses.asdict(self)}
 
@@ -196,6 +202,10 @@ class Resize(Transform):
                               f"{self.interp!r}{did_you_mean(str(self.interp), INTERPS)}")
         if not isinstance(self.keep_ratio, bool):
             raise _ParamError("keep_ratio", f"expected true/false, got {self.keep_ratio!r}")
+
+    @property
+    def uses_rng(self) -> bool:
+        return self.interp == "RANDOM"
 
     def apply(self, im, label, rng):
         interp = str(rng.choice(INTERPS)) if self.interp == "RANDOM" else self.interp
@@ -697,14 +707,39 @@ class Compose:
             for i, t in enumerate(_as_list(transforms, source, key))]
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None = None, *, rng=None):
-        rng = rng if rng is not None else np.random.default_rng()
+        im, lab = self.run(*self.start(image, label), rng=rng)
+        return self.finish(im, lab)
+
+    # The three steps of __call__, for datasets that cache the static prefix's output.
+    @staticmethod
+    def start(image: np.ndarray, label: np.ndarray | None = None):
+        """Input to the ops: HWC float32 image, int64 label."""
         im = np.asarray(image)
         im = (im[:, :, None] if im.ndim == 2 else im).astype(np.float32)
-        lab = None if label is None else np.asarray(label).astype(np.int64)
-        for op in self.ops:
+        return im, (None if label is None else np.asarray(label).astype(np.int64))
+
+    def run(self, im: np.ndarray, lab, *, rng=None, first: int = 0, stop: int | None = None):
+        """Ops ``first..stop`` on an HWC float32 image (output of :meth:`start` or of a prefix)."""
+        rng = rng if rng is not None else np.random.default_rng()
+        for op in self.ops[first:stop]:
             im, lab = op.apply(im, lab, rng)
+        return im, lab
+
+    @staticmethod
+    def finish(im: np.ndarray, lab):
+        """CHW float32 image, int64 label: what the model and the metrics take."""
         im = np.ascontiguousarray(im.transpose(2, 0, 1), dtype=np.float32)
         return im, (None if lab is None else np.ascontiguousarray(lab, dtype=np.int64))
+
+    def static_prefix(self) -> int:
+        """How many leading ops give the same output every time (no random draw): their
+        output can be cached, and skipping them leaves the random stream of the rest as is."""
+        count = 0
+        for op in self.ops:
+            if op.uses_rng:
+                break
+            count += 1
+        return count
 
     def deterministic(self) -> "Compose":
         """The same pipeline without random augmentations (what evaluation runs)."""
