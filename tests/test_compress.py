@@ -88,8 +88,9 @@ def test_cli_compress_and_seed_flags(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("strategy, match", [
-    ({"TrainConfig": {"train_iter": 5}}, "no QuantAware or QuantPost"),
-    ({"QuantPost": {}, "UnstructurePrune": {"ratio": 0.5}}, "UnstructurePrune is not supported yet"),
+    ({"TrainConfig": {"train_iter": 5}}, "no compression section"),
+    ({"UnstructurePrune": {"ratio": 0.5}, "ASPPrune": {}}, "choose one sparsity pattern"),
+    ({"TransformerPrune": {"pruned_ratio": 0.25}}, "TransformerPrune is not supported"),
     ({"QuantPost": {"algo": "mse", "bias_corect": True}}, "bias_corect"),
 ])
 def test_strategy_errors_name_the_problem(tiny, tmp_path, strategy, match):
@@ -97,3 +98,45 @@ def test_strategy_errors_name_the_problem(tiny, tmp_path, strategy, match):
     with pytest.raises(ConfigError, match=match):
         compress(model, strategy, data=data, save_dir=tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def _int8_conv_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_quantized")}
+
+
+def test_sparsity_then_ptq_keeps_the_zeros_in_the_int8_weights(tiny, tmp_path):
+    model, data = tiny
+    strategy = {"UnstructurePrune": {"ratio": 0.5, "prune_params_type": None},  # one shot, then tuned
+                "QuantPost": {"algo": "minmax", "batch_size": 4, "batch_nums": 2},
+                "TrainConfig": {"train_iter": 4, "eval_iter": 2, "learning_rate": 1e-3,
+                                "optimizer_builder": {"optimizer": {"type": "SGD"}}}}
+    result = compress(model, strategy, data=data, save_dir=tmp_path / "out", progress=False, bench_rounds=2)
+    report = result.report
+    assert report["stages"] == ["sparsity", "quantization"]
+    assert report["sparsity"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    weights = _int8_conv_weights(onnx.load(result.model_path))
+    zeros = sum(int((w == 0).sum()) for w in weights.values()) / sum(w.size for w in weights.values())
+    assert zeros >= 0.45  # the masked half, plus whatever rounds to 0
+    assert report["compressed"]["stats"]["weight_zeros"] == pytest.approx(zeros, abs=1e-6)
+    assert report["agreement"] >= 0.995
+
+
+def test_channel_prune_gives_a_smaller_dense_model(tiny, tmp_path):
+    model, data = tiny
+    strategy = {"ChannelPrune": {"pruned_ratio": 0.25, "criterion": "l1_norm", "round_to": 1},
+                "TrainConfig": {"train_iter": 2, "eval_iter": 2, "learning_rate": 1e-3,
+                                "optimizer_builder": {"optimizer": {"type": "SGD"}}}}
+    result = compress(model, strategy, data=data, save_dir=tmp_path / "out", progress=False, bench_rounds=2)
+    report = result.report
+    assert report["stages"] == ["channel_prune"] and report["compressed"]["precision"] == "FP32"
+    assert report["compressed"]["stats"]["macs"] < 0.9 * report["baseline"]["stats"]["macs"]
+    assert report["compressed"]["stats"]["params"] < report["baseline"]["stats"]["params"]
+    assert report["channel_prune"]["finetune"]["iterations"] == 2
+    out = onnx.load(result.model_path)
+    session = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, 32, 32), np.float32)})[0]
+    assert y.shape == (1, 3, 32, 32)
+    assert report["compressed"]["metrics"]["miou"] > 0.3  # still segments after fine-tuning

@@ -74,27 +74,47 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
     with atomic_dir(save_dir, overwrite=overwrite) as work:
         baseline = evaluate(loaded, val, progress=progress)
         say(f"baseline val mIoU {baseline.metrics.miou:.4f} (onnxruntime, FP32)")
-        stage = _quantize(loaded, strategy, val, train_spec, progress=progress, say=say)
-        exported = stage["model"]
-        agreement = verify_agreement(stage["simulator"], exported, val, progress=progress)
-        say(f"onnxruntime vs training model: argmax agrees on {agreement:.2%} of val pixels")
-        final = evaluate(exported, val, progress=progress)
-        say(f"compressed val mIoU {final.metrics.miou:.4f} (onnxruntime, INT8)")
-        latency = measure_latency(loaded.onnx, exported, loaded.input_shape, rounds=bench_rounds)
-        save_onnx(exported, work / "model.onnx")
+        nodes = _distill_nodes(strategy, loaded.onnx)
+        model, stages, masks = loaded.onnx, {}, None
+        if strategy.channel_prune is not None:
+            model, stages["channel_prune"] = _channel_prune(loaded.onnx, strategy, val, train_spec, nodes,
+                                                            progress=progress, say=say)
+        sparsity = strategy.unstructure_prune or strategy.asp_prune
+        if sparsity is not None:
+            from slimseg.compress.prune.stage import sparsify
+
+            model, stages["sparsity"] = sparsify(model, sparsity, strategy=strategy, train_set=train_spec,
+                                                 val_set=val, progress=progress, say=say, nodes=nodes,
+                                                 teacher=loaded.onnx)
+            masks = [layer["name"] for layer in stages["sparsity"]["layers"]]
+        agreement = None
+        if strategy.quant_aware is not None or strategy.quant_post is not None:
+            stage = _quantize(model, loaded.onnx, strategy, val, train_spec, nodes, masked=masks,
+                              progress=progress, say=say)
+            model, stages["quantization"] = stage["model"], stage["summary"]
+            agreement = verify_agreement(stage["simulator"], model, val, progress=progress)
+            say(f"onnxruntime vs training model: argmax agrees on {agreement:.2%} of val pixels")
+        final = evaluate(model, val, progress=progress)
+        say(f"compressed val mIoU {final.metrics.miou:.4f} (onnxruntime, {_precision(stages)})")
+        latency = measure_latency(loaded.onnx, model, loaded.input_shape, rounds=bench_rounds)
+        save_onnx(model, work / "model.onnx")
         (work / "strategy.yaml").write_text(strategy.to_yaml())
         report = {
             "slimseg": __version__,
             "model": loaded.source,
             "dataset": str(val.spec.source),
             "strategy": strategy.resolved(),
-            "baseline": {"metrics": baseline.metrics.to_dict(), "latency": latency["fp32"]},
-            "compressed": {"metrics": final.metrics.to_dict(), "latency": latency["int8"]},
+            "stages": list(stages),
+            "baseline": {"metrics": baseline.metrics.to_dict(), "latency": latency["original"],
+                         "stats": _stats(loaded.onnx, loaded.input_shape)},
+            "compressed": {"metrics": final.metrics.to_dict(), "latency": latency["compressed"],
+                           "precision": _precision(stages), "stats": _stats(model, loaded.input_shape)},
             "metric_drop": round(baseline.metrics.miou - final.metrics.miou, 6),
             "speedup": latency["speedup"],
-            "size_bytes": {"fp32": loaded.onnx.ByteSize(), "int8": exported.ByteSize()},
+            "size_bytes": {"original": loaded.onnx.ByteSize(), "compressed": model.ByteSize(),
+                           "compressed_zipped": _zipped_size(model)},
             "agreement": agreement,
-            "quantization": stage["summary"],
+            **stages,
             "wall_seconds": round(time.perf_counter() - started, 1),
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
@@ -105,8 +125,11 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
 
 # ---- stages ------------------------------------------------------------------------------
 
-def _quantize(loaded, strategy, val, train_set, *, progress: bool, say) -> dict[str, Any]:
-    """PTQ, then QAT when QuantAware is configured; returns the exported model and summary."""
+def _quantize(model, teacher, strategy, val, train_set, nodes, *, masked=None, progress: bool,
+              say) -> dict[str, Any]:
+    """PTQ, then QAT when QuantAware is configured, of `model` (the original or a pruned/sparse
+    version of it), distilled from `teacher` (the original); `masked` weights keep their zeros.
+    Returns the exported model, the simulator and a summary."""
     from slimseg.compress.quant.placement import plan_quantization
     from slimseg.compress.quant.ptq import bias_correct, calibrate, reconstruct
     from slimseg.compress.quant.simulator import QuantSimulator
@@ -116,7 +139,7 @@ def _quantize(loaded, strategy, val, train_set, *, progress: bool, say) -> dict[
     quant = strategy.quant_aware or strategy.quant_post
     # QAT without a QuantPost section: MSE ranges from 32 images only initialise the scales
     post = strategy.quant_post or QuantPost(algo="mse", batch_size=8, batch_nums=4)
-    prepared = fold_batchnorm.run(loaded.onnx).model
+    prepared = fold_batchnorm.run(model).model
     op_types = set(quant.onnx_op_types()) | GLUE_OPS
     skip = set(getattr(post, "skip_tensor_list", None) or [])
     exclude_nodes = _not_quant_nodes(prepared, getattr(strategy.quant_aware, "not_quant_pattern", None))
@@ -125,6 +148,11 @@ def _quantize(loaded, strategy, val, train_set, *, progress: bool, say) -> dict[
         f"{len(plan.float_nodes)} nodes stay float")
     weight_method = "mse" if strategy.quant_post is not None or strategy.quant_aware is None else "absmax"
     sim = QuantSimulator(prepared, plan, weight_scale_method=weight_method)
+    if masked:
+        from slimseg.compress.prune.gmp import keep_masks_in
+        from slimseg.compress.prune.masks import masks_from_zeros
+
+        keep_masks_in(sim, masks_from_zeros({n: sim.graph.parameter(n).detach() for n in masked}))
 
     calib_source = train_set if train_set is not None else val
     calib_set = _deterministic(calib_source, val)
@@ -135,7 +163,6 @@ def _quantize(loaded, strategy, val, train_set, *, progress: bool, say) -> dict[
     report = calibrate(sim, batches, algo=post.algo.value, hist_percent=post.hist_percent)
     say(f"calibrated {report.calibration_images} images with {report.algo} ranges "
         f"in {report.calibration_seconds:.1f} s")
-    nodes = _distill_nodes(strategy, loaded.onnx)
     if strategy.quant_post is not None and post.bias_correct:
         bias_correct(sim, batches, report)
         say(f"bias correction in {report.bias_correction_seconds:.1f} s")
@@ -145,7 +172,7 @@ def _quantize(loaded, strategy, val, train_set, *, progress: bool, say) -> dict[
         if post.regions:
             say("QuantPost.regions is ignored: slimseg reconstructs all layers jointly")
         iterations = max(1, post.epochs) * len(batches)
-        reconstruct(sim, OrtTeacher(loaded.onnx, nodes), batches, nodes, report,
+        reconstruct(sim, OrtTeacher(teacher, nodes), batches, nodes, report,
                     iterations=iterations, lr=post.lr if post.lr < 1 else 1e-2, progress=progress)
         say(f"reconstruction ({iterations} steps) in {report.reconstruction['seconds']:.1f} s")
     summary: dict[str, Any] = {
@@ -153,12 +180,12 @@ def _quantize(loaded, strategy, val, train_set, *, progress: bool, say) -> dict[
         "float_nodes": plan.float_nodes, "ptq": report.to_dict(), "distill_nodes": nodes,
     }
     if strategy.quant_aware is not None:
-        summary["qat"] = _qat(sim, loaded, strategy, val, train_set, nodes, progress=progress, say=say)
+        summary["qat"] = _qat(sim, teacher, strategy, val, train_set, nodes, progress=progress, say=say)
     sim.quantize(True)
     return {"model": sim.export(), "simulator": sim, "summary": summary}
 
 
-def _qat(sim, loaded, strategy, val, train_set, nodes, *, progress: bool, say) -> dict[str, Any]:
+def _qat(sim, teacher_model, strategy, val, train_set, nodes, *, progress: bool, say) -> dict[str, Any]:
     """Quantization-aware training distilled from the original model (teacher in onnxruntime)."""
     from slimseg.compress.distill import Distiller
     from slimseg.compress.teacher import OrtTeacher
@@ -174,8 +201,7 @@ def _qat(sim, loaded, strategy, val, train_set, nodes, *, progress: bool, say) -
     cfg = strategy.train_config or TrainConfig()
     batch_size = strategy.train_batch_size(8)
     total = default_total_iters(cfg, len(train_set), batch_size)
-    teacher = OrtTeacher(loaded.onnx, nodes)
-    distiller = Distiller(sim, teacher, strategy.distillation, nodes=nodes)
+    distiller = Distiller(sim, OrtTeacher(teacher_model, nodes), strategy.distillation, nodes=nodes)
     if hasattr(train_set, "cache_decoded"):
         train_set.cache_decoded()  # every image is read once per epoch for many epochs
     sim.quantize(True)
@@ -250,32 +276,88 @@ def verify_agreement(sim, exported, dataset, *, limit: int | None = None, progre
     return round(agreement, 6)
 
 
-def measure_latency(fp32, int8, input_shape, *, rounds: int = 200) -> dict[str, Any]:
-    """Interleaved FP32/INT8 medians in onnxruntime at 1 and 2 threads."""
+def measure_latency(original, compressed, input_shape, *, rounds: int = 200) -> dict[str, Any]:
+    """Interleaved original/compressed medians in onnxruntime at 1 and 2 threads."""
     from slimseg.hardware.bench import compare
 
     shape = tuple(1 if d is None else d for d in input_shape) if input_shape else None
-    out: dict[str, Any] = {"fp32": {}, "int8": {}, "speedup": {}}
+    out: dict[str, Any] = {"original": {}, "compressed": {}, "speedup": {}}
     for threads in (1, 2):
-        results = compare({"fp32": fp32, "int8": int8}, rounds=rounds, threads=threads, input_shape=shape)
+        results = compare({"original": original, "compressed": compressed}, rounds=rounds, threads=threads,
+                          input_shape=shape)
         for name, r in results.items():
             out[name][f"{threads}_thread"] = {"median_ms": round(r.median_ms, 3), "p90_ms": round(r.p90_ms, 3),
                                               "min_ms": round(r.min_ms, 3)}
-        out["speedup"][f"{threads}_thread"] = round(results["fp32"].median_ms / results["int8"].median_ms, 3)
+        out["speedup"][f"{threads}_thread"] = round(results["original"].median_ms / results["compressed"].median_ms, 3)
     return out
+
+
+def _channel_prune(original, strategy, val, train_set, nodes, *, progress: bool, say):
+    """Remove channels (ChannelPrune), then recover accuracy by distillation from the original."""
+    from slimseg.compress.finetune import distill_finetune
+    from slimseg.compress.prune.channel import prune_channels
+
+    cfg = strategy.channel_prune
+    pruned, report = prune_channels(original, cfg.pruned_ratio, criterion=cfg.criterion,
+                                    params=cfg.prune_params_name, round_to=cfg.round_to)
+    summary = report.to_dict()
+    say(f"channel pruning ({cfg.criterion}, ratio {cfg.pruned_ratio}, multiples of {cfg.round_to}): "
+        f"MACs {summary['macs_before'] / 1e6:.1f} M -> {summary['macs_after'] / 1e6:.1f} M, "
+        f"parameters {summary['params_before']:,} -> {summary['params_after']:,}")
+    tuned, summary["finetune"] = distill_finetune(pruned, original, strategy=strategy, train_set=train_set,
+                                                  val_set=val, nodes=nodes, progress=progress, say=say)
+    return tuned, summary
+
+
+def _precision(stages: dict) -> str:
+    return "INT8" if "quantization" in stages else "FP32"
+
+
+def _stats(model, input_shape) -> dict[str, Any]:
+    """Parameters, MACs and how many conv weights are exactly zero."""
+    from slimseg.model.stats import model_stats
+
+    stats = model_stats(model, input_shape=input_shape)
+    return {"params": stats.params, "macs": stats.macs, "weight_zeros": _weight_zeros(model)}
+
+
+def _weight_zeros(model) -> float:
+    """Share of exact zeros among the Conv weights (float or int8 initializers)."""
+    from onnx import numpy_helper
+
+    weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1}
+    sources = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    names = {sources.get(w, w) for w in weights}
+    zeros = total = 0
+    for init in model.graph.initializer:
+        if init.name in names:
+            values = numpy_helper.to_array(init)
+            zeros, total = zeros + int((values == 0).sum()), total + values.size
+    return round(zeros / total, 6) if total else 0.0
+
+
+def _zipped_size(model) -> int:
+    """Bytes of the model compressed with zlib: what zeros save in a download or a package."""
+    import zlib
+
+    return len(zlib.compress(model.SerializeToString(), 6))
 
 
 # ---- helpers ------------------------------------------------------------------------------
 
 def _check_supported(strategy) -> None:
-    for section, issue in (("unstructure_prune", "UnstructurePrune"), ("asp_prune", "ASPPrune"),
-                           ("channel_prune", "ChannelPrune"), ("transformer_prune", "TransformerPrune")):
-        if getattr(strategy, section) is not None:
-            raise ConfigError(f"{issue} is not supported yet in this release (quantization only)",
-                              file=strategy.source, key=issue)
-    if strategy.quant_aware is None and strategy.quant_post is None:
-        raise ConfigError("the strategy has no QuantAware or QuantPost section; automatic strategy "
-                          "selection is not available yet: add one of them", file=strategy.source)
+    if strategy.transformer_prune is not None:
+        raise ConfigError("TransformerPrune is not supported (segmentation CNNs have no attention heads "
+                          "to prune); use ChannelPrune", file=strategy.source, key="TransformerPrune")
+    stages = (strategy.quant_aware, strategy.quant_post, strategy.unstructure_prune, strategy.asp_prune,
+              strategy.channel_prune)
+    if all(stage is None for stage in stages):
+        raise ConfigError("the strategy has no compression section (QuantAware, QuantPost, UnstructurePrune, "
+                          "ASPPrune or ChannelPrune); automatic strategy selection is not available yet",
+                          file=strategy.source)
+    if strategy.unstructure_prune is not None and strategy.asp_prune is not None:
+        raise ConfigError("UnstructurePrune and ASPPrune both set: choose one sparsity pattern",
+                          file=strategy.source, key="ASPPrune")
 
 
 def _model_args(model, strategy) -> dict[str, Any]:

@@ -141,8 +141,19 @@ def format_compress(result) -> str:
     for threads in ("1_thread", "2_thread"):
         rows.append((f"latency median, {threads.replace('_', ' ')}", f"{base['latency'][threads]['median_ms']:.2f} ms",
                      f"{comp['latency'][threads]['median_ms']:.2f} ms  ({r['speedup'][threads]:.2f}x)"))
-    rows.append(("size", human_bytes(r["size_bytes"]["fp32"]), human_bytes(r["size_bytes"]["int8"])))
-    lines = [f"{r['model']} -> {result.model_path}", "", table(rows, header=("", "original", "compressed")), "",
-             f"runtime agrees with the training model on {r['agreement']:.2%} of val pixels; "
-             f"{r['wall_seconds']:.0f} s, peak memory {r['peak_rss_mb']:.0f} MB"]
+    if "stats" in base:
+        rows.append(("MACs", f"{base['stats']['macs'] / 1e6:.1f} M", f"{comp['stats']['macs'] / 1e6:.1f} M"))
+        rows.append(("parameters", f"{base['stats']['params']:,}", f"{comp['stats']['params']:,}"))
+        if comp["stats"]["weight_zeros"] > 0.01:
+            rows.append(("conv weights that are 0", f"{base['stats']['weight_zeros']:.1%}",
+                         f"{comp['stats']['weight_zeros']:.1%}"))
+    sizes = r["size_bytes"]
+    rows.append(("size", human_bytes(sizes["original"]), human_bytes(sizes["compressed"])
+                 + (f"  (zipped {human_bytes(sizes['compressed_zipped'])})" if "compressed_zipped" in sizes else "")))
+    agreement = "" if r.get("agreement") is None else \
+        f"runtime agrees with the training model on {r['agreement']:.2%} of val pixels; "
+    lines = [f"{r['model']} -> {result.model_path}  ({' + '.join(r.get('stages', [])) or 'compressed'}, "
+             f"{comp.get('precision', 'INT8')})", "",
+             table(rows, header=("", "original", "compressed")), "",
+             f"{agreement}{r['wall_seconds']:.0f} s, peak memory {r['peak_rss_mb']:.0f} MB"]
     return "\n".join(lines)
