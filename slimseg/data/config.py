@@ -21,7 +21,9 @@ import yaml
 
 from slimseg.errors import ConfigError, did_you_mean
 
-SUPPORTED_TYPES = ("Dataset",)
+# Folder-layout dataset types: type -> module with NUM_CLASSES and list_items(spec, mode)
+FOLDER_TYPES = {"Cityscapes": "slimseg.data.cityscapes"}
+SUPPORTED_TYPES = ("Dataset", *FOLDER_TYPES)
 MODES = ("train", "val", "test")
 DATASET_KEYS = ("type", "dataset_root", "train_path", "val_path", "test_path", "num_classes",
                 "transforms", "mode", "ignore_index", "edge", "separator", "img_channels")
@@ -52,13 +54,14 @@ class DatasetSpec:
     list_paths: dict[str, Path] = field(default_factory=dict)
     edge: bool = False
     img_channels: int = 3
+    type: str = "Dataset"
 
     def list_for(self, mode: str) -> Path | None:
         return self.list_paths.get(mode)
 
     def to_dict(self) -> dict:
         """The YAML form (absolute paths), loadable again by :func:`load_dataset_config`."""
-        d: dict[str, Any] = {"type": "Dataset", "dataset_root": str(self.dataset_root)}
+        d: dict[str, Any] = {"type": self.type, "dataset_root": str(self.dataset_root)}
         d.update({f"{m}_path": str(p) for m, p in self.list_paths.items()})
         d.update(num_classes=self.num_classes, transforms=[dict(t) for t in self.transforms],
                  mode=self.mode, ignore_index=self.ignore_index, edge=self.edge,
@@ -151,6 +154,8 @@ def _parse_section(sec, name: str, default_mode: str, source: str, base_dir: Pat
     if root is None:
         raise ConfigError("missing required key", file=source, key=f"{name}.dataset_root")
     num_classes = get("num_classes", (int,), what="an integer")
+    if kind in FOLDER_TYPES:
+        num_classes = _folder_type_classes(kind, num_classes, source, name)
     if num_classes is None or num_classes < 1:
         raise ConfigError(f"expected an integer >= 1, got {num_classes!r}", file=source,
                           key=f"{name}.num_classes")
@@ -168,7 +173,18 @@ def _parse_section(sec, name: str, default_mode: str, source: str, base_dir: Pat
         dataset_root=resolve_path(root, base_dir), list_path=lists.get(mode), num_classes=num_classes,
         transforms=transforms, mode=mode, ignore_index=get("ignore_index", (int,), 255),
         separator=get("separator", (str,), " "), source=source, section=name, list_paths=lists,
-        edge=get("edge", (bool,), False), img_channels=channels)
+        edge=get("edge", (bool,), False), img_channels=channels, type=kind)
+
+
+def _folder_type_classes(kind: str, given: int | None, source: str, name: str) -> int:
+    """A folder type fixes its classes (Cityscapes: 19); num_classes may only repeat it."""
+    import importlib
+
+    fixed = importlib.import_module(FOLDER_TYPES[kind]).NUM_CLASSES
+    if given is not None and given != fixed:
+        raise ConfigError(f"type {kind} has {fixed} classes, got num_classes {given}", file=source,
+                          key=f"{name}.num_classes")
+    return fixed
 
 
 def _validate_transforms(transforms: list, source: str, key: str) -> None:
