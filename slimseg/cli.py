@@ -136,7 +136,10 @@ def _add_bench(sub) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     p.add_argument("--runs", type=int, default=100, help="timed runs (default 100)")
-    p.add_argument("--runtime", default="onnxruntime", help="runtime (default onnxruntime)")
+    p.add_argument("--runtime", default="onnxruntime",
+                   help="onnxruntime (default), openvino or mnn (sparse 1x1 convs run sparse there)")
+    p.add_argument("--profile", action="store_true",
+                   help="also show time per op type from onnxruntime's profiler (its own runs)")
     _add_output_arg(p)
     p.set_defaults(func=_cmd_bench)
     return p
@@ -150,7 +153,104 @@ def _cmd_bench(args) -> int:
     result = benchmark(loaded.onnx, threads=args.threads, warmup=args.warmup, runs=args.runs,
                        input_shape=loaded.input_shape, runtime=args.runtime, progress=not args.quiet)
     data = {"model": loaded.source, **result.to_dict()}
-    _print(data, args.output, format_bench(loaded.source, result))
+    table = format_bench(loaded.source, result)
+    if args.profile:
+        from slimseg.hardware.profile import format_profile, profile_ops
+
+        rows = profile_ops(loaded.onnx, threads=args.threads, warmup=min(args.warmup, 5),
+                           runs=min(args.runs, 50), input_shape=loaded.input_shape)
+        data["profile"] = [r.to_dict() for r in rows]
+        table = f"{table}\n{format_profile(rows)}"
+    _print(data, args.output, table)
+    return 0
+
+
+# --- optimize -----------------------------------------------------------------------------
+
+def _add_optimize(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("optimize", help="exact graph rewrites that cut latency (no retraining)",
+                       description="Rewrite a model's graph for speed with exact rewrites (BatchNorm "
+                                   "folding, channel-shuffle folding, 2-class Softmax as Sigmoid, channel "
+                                   "alignment): same outputs up to float rounding. Prints what changed "
+                                   "and the latency before/after (interleaved, onnxruntime).")
+    p.add_argument("model_path", metavar="MODEL", help="ONNX file, or a Paddle inference model folder")
+    p.add_argument("-o", "--out", required=True, metavar="OUT.onnx", help="where to write the rewritten model")
+    p.add_argument("--input_shape", type=_parse_shape, metavar="N,C,H,W", help="fix the input shape")
+    p.add_argument("--no-bench", dest="bench", action="store_false", help="skip the latency comparison")
+    p.add_argument("--threads", type=int, default=1, help="runtime threads for the comparison (default 1)")
+    p.add_argument("--rounds", type=int, default=100, help="interleaved timed rounds (default 100)")
+    _add_output_arg(p)
+    p.set_defaults(func=_cmd_optimize)
+    return p
+
+
+def _cmd_optimize(args) -> int:
+    from slimseg.io import save_onnx
+    from slimseg.model.importers import load_model
+    from slimseg.model.optimize import optimize
+
+    loaded = load_model(args.model_path, input_shape=args.input_shape)
+    model, report = optimize(loaded.onnx)
+    save_onnx(model, args.out)
+    data: dict[str, Any] = {"model": loaded.source, "out": str(args.out), **report.to_dict()}
+    lines = [f"{loaded.source} -> {args.out}", *(f"  {line}" for line in report.lines())]
+    if args.bench:
+        from slimseg.hardware.bench import compare
+
+        timed = compare({"before": loaded.onnx, "after": model}, rounds=args.rounds, threads=args.threads,
+                        input_shape=loaded.input_shape, progress=not args.quiet)
+        before, after = timed["before"].median_ms, timed["after"].median_ms
+        data["latency"] = {k: v.to_dict() for k, v in timed.items()}
+        data["speedup"] = before / after
+        lines.append(f"  latency (onnxruntime, {args.threads} thread(s), median of {args.rounds} interleaved "
+                     f"rounds): {before:.2f} ms -> {after:.2f} ms ({before / after:.2f}x)")
+    _print(data, args.output, "\n".join(lines))
+    return 0
+
+
+# --- export -------------------------------------------------------------------------------
+
+def _add_export(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="write a model as canonical ONNX or as MNN (sparse convs kept sparse)",
+                       description="Import a model and write it as canonical ONNX, or convert it to MNN "
+                                   "(needs slimseg[mnn]); with sparsity detection on, MNN stores and runs "
+                                   "convs that are sparse enough with its sparse kernels.")
+    p.add_argument("source", nargs="?", metavar="MODEL", help="ONNX file or model folder (same as --model)")
+    _add_model_args(p)
+    p.add_argument("-o", "--out", required=True, help="output file (.onnx or .mnn)")
+    p.add_argument("--format", choices=("onnx", "mnn"), default=None, help="default: from the suffix of --out")
+    p.add_argument("--no-sparse", dest="sparse", action="store_false", help="MNN: store every conv dense")
+    p.add_argument("--block", choices=("1x1", "1x4"), default="1x1",
+                   help="MNN: sparse blocks along output channels (1x4 needs blocks of 4 zeros; default 1x1)")
+    _add_output_arg(p)
+    p.set_defaults(func=_cmd_export)
+    return p
+
+
+def _cmd_export(args) -> int:
+    from pathlib import Path
+
+    from slimseg.hardware.mnn import export_mnn, sparse_layers
+    from slimseg.io import save_onnx
+
+    args.model = args.model or args.source
+    fmt = args.format or Path(args.out).suffix.lower().lstrip(".")
+    if fmt not in ("onnx", "mnn"):
+        raise SlimsegError(f"cannot tell the format of {args.out!r}: pass --format onnx or --format mnn")
+    block = tuple(int(n) for n in args.block.split("x"))
+    loaded = _load(args)
+    writers = {"onnx": lambda: save_onnx(loaded.onnx, args.out),
+               "mnn": lambda: export_mnn(loaded.onnx, args.out, sparse=args.sparse, block=block)}
+    path = writers[fmt]()
+    data = {"model": loaded.source, "format": fmt, "path": str(path), "size_bytes": path.stat().st_size}
+    if fmt == "mnn" and args.sparse:
+        data["sparse_convs"] = [layer.name for layer in sparse_layers(path)]
+    lines = [f"wrote {path} ({fmt}, {data['size_bytes'] / 1024:.1f} KiB) from {loaded.source}"]
+    if "sparse_convs" in data:
+        names = data["sparse_convs"]
+        lines.append(f"convs MNN runs sparse: {len(names)} ({', '.join(names[:8])}{' ...' if len(names) > 8 else ''})"
+                     if names else "convs MNN runs sparse: none (needs > 60% zeros, or > 30% zero 1x4 blocks)")
+    _print(data, args.output, "\n".join(lines))
     return 0
 
 
@@ -205,6 +305,73 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+# --- predict ------------------------------------------------------------------------------
+
+def _add_predict(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("predict", help="segment images, a folder, a list or a video with any model",
+                       description="Run a model (original or compressed; ONNX or Paddle folder) on an image, "
+                                   "a folder (recursive), a PaddleSeg .txt list or a video, with the model's "
+                                   "own preprocessing (deploy.yaml) or a dataset YAML's val transforms. Writes "
+                                   "<name>.png (class ids, palette), <name>_overlay.jpg and, for 2-class "
+                                   "models, <name>_matte.png / <name>_bg.jpg; a video gives _overlay.mp4 and "
+                                   "_mask.mp4 (pip install 'slimseg[video]').")
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="ONNX file or Paddle inference model folder")
+    p.add_argument("input", metavar="INPUT", help="image, folder, .txt list (first column) or video file")
+    p.add_argument("-o", "--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--runtime", default="onnxruntime", help="runtime (default onnxruntime)")
+    p.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
+    p.add_argument("--batch_size", type=int, default=1, help="images per runtime call (default 1)")
+    p.add_argument("--dataset_config", help="PaddleSeg dataset YAML: use its val transforms (and dataset_root "
+                                            "for list entries) instead of the model's deploy.yaml")
+    p.add_argument("--matte", action="store_true", help="2-class models: also write the alpha matte")
+    p.add_argument("--bg", metavar="COLOR|IMAGE", help="2-class models: also write the image on this "
+                                                       "background ('green', '#00ff00', 'R,G,B' or an image)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_output_arg(p)
+    p.set_defaults(func=_cmd_predict)
+    return p
+
+
+def _cmd_predict(args) -> int:
+    from slimseg.predict import predict
+
+    result = predict(args.model, args.input, out_dir=args.out, runtime=args.runtime, threads=args.threads,
+                     batch_size=args.batch_size, preprocess=args.dataset_config, matte=args.matte, bg=args.bg,
+                     overwrite=args.overwrite, progress=not args.quiet)
+    _print(result.to_dict(), args.output, result.summary())
+    return 0
+
+
+# --- download -----------------------------------------------------------------------------
+
+def _add_download(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("download", help="download the seed's public model and datasets (cached)",
+                       description="Download, check (sha256) and extract a public asset into the cache "
+                                   "($SLIMSEG_CACHE or ~/.cache/slimseg); prints the folder. A partial "
+                                   "download is resumed. --list shows the names.")
+    p.add_argument("name", nargs="?", help="asset name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the known assets and exit")
+    p.add_argument("--cache_dir", help="cache folder (default $SLIMSEG_CACHE or ~/.cache/slimseg)")
+    p.add_argument("--force", action="store_true", help="download and extract again")
+    p.add_argument("--url", help="download from this URL (a mirror) instead of the official one")
+    p.set_defaults(func=_cmd_download)
+    return p
+
+
+def _cmd_download(args) -> int:
+    from slimseg.download import ASSETS, download
+
+    if args.list:
+        for asset in ASSETS.values():
+            aliases = f" (also: {', '.join(asset.aliases)})" if asset.aliases else ""
+            print(f"{asset.name}{aliases}\n    {asset.description}\n    {asset.urls[0]}")
+        return 0
+    if not args.name:
+        raise SlimsegError("download needs an asset NAME (slimseg download --list shows them)")
+    print(download(args.name, cache_dir=args.cache_dir, force=args.force, progress=not args.quiet, url=args.url))
+    return 0
+
+
 # --- entry point --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"slimseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_compress, _add_eval, _add_bench, _add_inspect, _add_demo):
+    for add in (_add_compress, _add_eval, _add_bench, _add_export, _add_inspect, _add_demo,
+                _add_predict, _add_download, _add_optimize):
         command = add(sub)
         command.add_argument("--quiet", action="store_true", help="no progress bars")
         command.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")

@@ -30,6 +30,9 @@ class Runtime(Protocol):
 
 
 RUNTIMES: dict[str, Callable[..., Runtime]] = {}
+# Runtimes defined in their own modules, registered when first asked for (importing one does
+# not load its engine, which is an optional extra).
+_PLUGINS = {"mnn": "slimseg.hardware.mnn"}
 
 
 def register_runtime(name: str):
@@ -40,11 +43,20 @@ def register_runtime(name: str):
     return register
 
 
+def known_runtimes() -> list[str]:
+    """Every runtime name get_runtime accepts (registered or registered on first use)."""
+    return sorted(set(RUNTIMES) | set(_PLUGINS))
+
+
 def get_runtime(name: str = "onnxruntime", model: ModelLike | None = None, **kw) -> Runtime:
     """Load `model` in the runtime registered as `name` (keyword args go to its constructor)."""
+    if name not in RUNTIMES and name in _PLUGINS:
+        import importlib
+
+        importlib.import_module(_PLUGINS[name])
     if name not in RUNTIMES:
-        known = ", ".join(sorted(RUNTIMES))
-        raise SlimsegError(f"unknown runtime {name!r}{did_you_mean(name, RUNTIMES)}; known runtimes: {known}")
+        known = known_runtimes()
+        raise SlimsegError(f"unknown runtime {name!r}{did_you_mean(name, known)}; known runtimes: {', '.join(known)}")
     if model is None:
         raise SlimsegError(f"runtime {name!r} needs a model (ONNX ModelProto or path)")
     return RUNTIMES[name](model, **kw)
