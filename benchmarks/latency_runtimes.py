@@ -1,7 +1,7 @@
-"""Latency of several models in every installed runtime (onnxruntime, OpenVINO), interleaved.
+"""Latency of several models in every installed runtime (onnxruntime, OpenVINO, MNN), interleaved.
 
     python benchmarks/latency_runtimes.py --model_dir ../shared/assets/models/pp_humanseg_lite_192 \\
-        out/ptq/model.onnx out/qat/model.onnx [--rounds 300] [--threads 1 2]
+        out/ptq/model.onnx out/qat/model.onnx [--rounds 300] [--threads 1 2] [--runtimes mnn ...]
 
 The first model (--model_dir or the first file) is the baseline the speedups refer to.
 OpenVINO runs with INFERENCE_PRECISION_HINT=f32 (see slimseg.hardware.runtime.OpenVinoRuntime).
@@ -19,12 +19,13 @@ def main() -> None:
     parser.add_argument("--model_dir", type=Path, help="a Paddle inference model as the baseline")
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--runtimes", nargs="+", help="default: every installed runtime")
     args = parser.parse_args()
 
     import onnx
 
     from slimseg.hardware.bench import compare, machine_info
-    from slimseg.hardware.runtime import RUNTIMES, get_runtime
+    from slimseg.hardware.runtime import get_runtime, known_runtimes
     from slimseg.model.importers import load_model
 
     models = {}
@@ -36,7 +37,7 @@ def main() -> None:
     first = next(iter(models.values()))
     shape = [d.dim_value or 1 for d in first.graph.input[0].type.tensor_type.shape.dim]
     runtimes = []
-    for name in sorted(RUNTIMES):
+    for name in args.runtimes or known_runtimes():
         try:
             get_runtime(name, first, threads=1)
             runtimes.append(name)

@@ -1,4 +1,4 @@
-"""Command line: `slimseg compress|eval|bench|inspect|demo`.
+"""Command line: `slimseg compress|eval|bench|export|inspect|demo|predict|download|optimize`.
 
 Each subcommand is a pair `_add_<name>(subparsers)` / `_cmd_<name>(args)`; the command only
 hands arguments to the library. Every SlimsegError is caught once, in `main`, and printed as
@@ -66,10 +66,11 @@ def _print(data: dict[str, Any], fmt: str, table: str) -> None:
 # --- compress -----------------------------------------------------------------------------
 
 def _add_compress(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("compress", help="quantize a model to INT8 (PTQ or QAT + distillation), measured",
-                       description="Compress a model with a PaddleSlim ACT strategy YAML (QuantPost for "
-                                   "post-training quantization, QuantAware + Distillation for QAT) and "
-                                   "write save_dir/model.onnx (Q/DQ, INT8 weights), report.json and "
+    p = sub.add_parser("compress", help="prune and/or quantize a model, distilled from the original, measured",
+                       description="Compress a model with a PaddleSlim ACT strategy YAML: ChannelPrune, "
+                                   "UnstructurePrune or ASPPrune (each fine-tuned by distillation), then "
+                                   "QuantPost (post-training INT8) or QuantAware + Distillation (QAT); exact "
+                                   "graph rewrites for speed. Writes save_dir/model.onnx, report.json and "
                                    "strategy.yaml. Accuracy and latency are measured in onnxruntime.")
     _add_model_args(p)
     p.add_argument("--strategy_config", "--config_path", dest="strategy_config", required=True,
@@ -77,6 +78,9 @@ def _add_compress(sub) -> argparse.ArgumentParser:
     p.add_argument("--dataset_config", help="PaddleSeg dataset YAML (default: Global.reader_config)")
     p.add_argument("--save_dir", default="output", help="output folder (default ./output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save_dir")
+    p.add_argument("--no-rewrite", dest="rewrite", action="store_false",
+                   help="keep the graph as it is (no channel-shuffle folding, 2-class softmax as sigmoid, "
+                        "channel alignment); they speed up onnxruntime, not OpenVINO")
     p.add_argument("--deploy_hardware", default=None,
                    help="deploy target (seed flag); only the local CPU (onnxruntime) is measured so far")
     _add_output_arg(p)
@@ -95,7 +99,8 @@ def _cmd_compress(args) -> int:
     if args.model or args.model_dir:
         model = _load(args)
     result = compress(model, args.strategy_config, data=args.dataset_config, save_dir=args.save_dir,
-                      overwrite=args.overwrite, progress=not args.quiet, input_shape=args.input_shape)
+                      overwrite=args.overwrite, progress=not args.quiet, input_shape=args.input_shape,
+                      rewrite=args.rewrite)
     _print(result.report, args.output, format_compress(result))
     return 0
 

@@ -48,10 +48,11 @@ class CompressResult:
 
 def compress(model=None, config=None, *, data=None, save_dir="output", overwrite: bool = False,
              progress: bool = True, bench_rounds: int = 200, log_fn: Callable[[str], None] | None = None,
-             input_shape=None) -> CompressResult:
+             input_shape=None, rewrite: bool = True) -> CompressResult:
     """Compress `model` (anything `load_model` takes; default: the config's Global.model_dir)
     with the strategy `config` (ACT YAML path, dict or StrategyConfig) on `data` (dataset YAML;
-    default: Global.reader_config). Writes model.onnx, report.json and strategy.yaml."""
+    default: Global.reader_config). Writes model.onnx, report.json and strategy.yaml.
+    `rewrite`: apply the exact latency rewrites of :mod:`slimseg.model.optimize` (for onnxruntime)."""
     from slimseg.config import load_strategy_config
     from slimseg.data import DatasetConfig, build_dataset, load_dataset_config
     from slimseg.evaluate import evaluate
@@ -88,9 +89,12 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
                                                  teacher=loaded.onnx)
             masks = [layer["name"] for layer in stages["sparsity"]["layers"]]
         agreement = None
+        quantized = strategy.quant_aware is not None or strategy.quant_post is not None
+        if rewrite and not quantized:
+            model, stages["rewrites"] = _rewrite(model, say)
         if strategy.quant_aware is not None or strategy.quant_post is not None:
             stage = _quantize(model, loaded.onnx, strategy, val, train_spec, nodes, masked=masks,
-                              progress=progress, say=say)
+                              rewrite=rewrite, progress=progress, say=say)
             model, stages["quantization"] = stage["model"], stage["summary"]
             agreement = verify_agreement(stage["simulator"], model, val, progress=progress)
             say(f"onnxruntime vs training model: argmax agrees on {agreement:.2%} of val pixels")
@@ -125,8 +129,8 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
 
 # ---- stages ------------------------------------------------------------------------------
 
-def _quantize(model, teacher, strategy, val, train_set, nodes, *, masked=None, progress: bool,
-              say) -> dict[str, Any]:
+def _quantize(model, teacher, strategy, val, train_set, nodes, *, masked=None, rewrite: bool = True,
+              progress: bool, say) -> dict[str, Any]:
     """PTQ, then QAT when QuantAware is configured, of `model` (the original or a pruned/sparse
     version of it), distilled from `teacher` (the original); `masked` weights keep their zeros.
     Returns the exported model, the simulator and a summary."""
@@ -139,7 +143,17 @@ def _quantize(model, teacher, strategy, val, train_set, nodes, *, masked=None, p
     quant = strategy.quant_aware or strategy.quant_post
     # QAT without a QuantPost section: MSE ranges from 32 images only initialise the scales
     post = strategy.quant_post or QuantPost(algo="mse", batch_size=8, batch_nums=4)
+    # the rewrites come first so that Q/DQ is placed on the graph that will run
     prepared = fold_batchnorm.run(model).model
+    rewrites = None
+    if rewrite:
+        rewritten, report = _rewrite(prepared, say)
+        produced = {out for node in rewritten.graph.node for out in node.output}
+        missing = [n for n in nodes if n not in produced]
+        if missing:  # a channel permutation renamed them: distillation needs the original tensors
+            say(f"graph rewrites skipped: they rename the distillation tensors {missing}")
+        else:
+            prepared, rewrites = rewritten, report
     op_types = set(quant.onnx_op_types()) | GLUE_OPS
     skip = set(getattr(post, "skip_tensor_list", None) or [])
     exclude_nodes = _not_quant_nodes(prepared, getattr(strategy.quant_aware, "not_quant_pattern", None))
@@ -179,6 +193,8 @@ def _quantize(model, teacher, strategy, val, train_set, nodes, *, masked=None, p
         "weights": len(plan.weights), "activation_groups": len(plan.activations),
         "float_nodes": plan.float_nodes, "ptq": report.to_dict(), "distill_nodes": nodes,
     }
+    if rewrites is not None:
+        summary["rewrites"] = rewrites
     if strategy.quant_aware is not None:
         summary["qat"] = _qat(sim, teacher, strategy, val, train_set, nodes, progress=progress, say=say)
     sim.quantize(True)
@@ -307,6 +323,17 @@ def _channel_prune(original, strategy, val, train_set, nodes, *, progress: bool,
     tuned, summary["finetune"] = distill_finetune(pruned, original, strategy=strategy, train_set=train_set,
                                                   val_set=val, nodes=nodes, progress=progress, say=say)
     return tuned, summary
+
+
+def _rewrite(model, say) -> tuple[Any, dict[str, Any]]:
+    """The exact latency rewrites (:func:`slimseg.model.optimize.optimize`) and what they did."""
+    from slimseg.model.optimize import optimize
+
+    rewritten, report = optimize(model)
+    lines = report.lines()
+    if lines:
+        say("graph rewrites: " + "; ".join(lines))
+    return rewritten, report.to_dict()
 
 
 def _precision(stages: dict) -> str:

@@ -198,6 +198,8 @@ def correct_biases(sim: QuantSimulator, batches: Sequence[torch.Tensor]) -> dict
     targets = [(node_bias[n.name], n.output[0]) for n in sim.model.graph.node
                if n.name in node_bias and node_bias[n.name] in trainable]
     taps = [tensor for _, tensor in targets]
+    if sum(b.numel() for b in batches) <= ONE_PASS_INPUT_ELEMENTS:
+        return _correct_in_one_pass(sim, torch.cat(list(batches)), targets)
     reference = [_channel_means(sim.quantize(False).graph(images, taps=taps, only_taps=True), taps)
                  for images in batches]
     recorder = _PreHookRecorder(sim.graph, taps)
@@ -213,6 +215,53 @@ def correct_biases(sim: QuantSimulator, batches: Sequence[torch.Tensor]) -> dict
     finally:
         recorder.remove()
     return shifts
+
+
+# Calibration sets up to this many input elements (64 images of 3x256x256) are corrected in one
+# quantized pass over all of them at once; larger ones layer by layer (one pass per layer).
+ONE_PASS_INPUT_ELEMENTS = 64 * 3 * 256 * 256
+
+
+def _correct_in_one_pass(sim: QuantSimulator, images: torch.Tensor, targets) -> dict[str, float]:
+    """The same correction in two forward passes: a float one for the reference means, then a
+    quantized one where each layer's output is shifted (and its bias corrected) as soon as it
+    is computed, so every later layer already sees the corrected layers before it. With all
+    calibration images in one batch this equals the layer-by-layer loop exactly."""
+    taps = [tensor for _, tensor in targets]
+    reference = _channel_means(sim.quantize(False).graph(images, taps=taps, only_taps=True), taps)
+    shifts: dict[str, float] = {}
+    originals = {t: sim.graph.attached(t) for t in taps}
+    for bias_name, tensor in targets:
+        sim.graph.attach(tensor, _Correct(originals[tensor], sim.graph.parameter(bias_name),
+                                          reference[tensor], shifts, bias_name))
+    sim.quantize(True)
+    try:
+        sim.graph(images, taps=taps, only_taps=True)
+    finally:
+        for t, module in originals.items():
+            if module is None:
+                sim.graph.detach(t)
+            else:
+                sim.graph.attach(t, module)
+    return shifts
+
+
+class _Correct(nn.Module):
+    """Subtract the mean shift of a layer's output from it and from its bias, then apply the
+    tensor's own hook (its output quantizer)."""
+
+    def __init__(self, inner: nn.Module | None, bias: torch.Tensor, reference: torch.Tensor,
+                 shifts: dict, name: str):
+        super().__init__()
+        self.inner, self.bias, self.reference, self.shifts, self.name = inner, bias, reference, shifts, name
+
+    def forward(self, x):
+        dims = [d for d in range(x.dim()) if d != 1]
+        delta = x.mean(dim=dims) - self.reference
+        self.bias.sub_(delta.to(self.bias.dtype))
+        self.shifts[self.name] = float(delta.abs().mean())
+        x = x - delta.reshape([1, -1] + [1] * (x.dim() - 2))
+        return x if self.inner is None else self.inner(x)
 
 
 def _channel_means(values: dict[str, torch.Tensor], taps: Sequence[str]) -> dict[str, torch.Tensor]:
