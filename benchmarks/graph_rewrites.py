@@ -2,13 +2,14 @@
 installed runtime, 1 and 2 threads, interleaved medians; argmax identity and mIoU on the val set;
 share of kernel time outside the convolutions (onnxruntime profiler).
 
-    python benchmarks/graph_rewrites.py --int8 out/ptq/model.onnx \\
-        [--int8_rewritten out/ptq_rewritten/model.onnx] [--rounds 200] [--threads 1 2]
+    python benchmarks/graph_rewrites.py --int8 out/qat_plain/model.onnx \\
+        [--int8_rewritten out/qat/model.onnx] [--rounds 200] [--threads 1 2]
 
-The rewrites run on the float graph (before quantization). ``--int8_rewritten`` is the INT8 model
-that ``compress`` produced from the rewritten float graph (``slimseg optimize`` first, then
-``compress --model``); without it the rewrites are applied to the ``--int8`` graph itself (only
-those that apply to a QDQ graph fire). Speedups are relative to the original FP32 graph.
+The rewrites run on the float graph (before quantization). ``--int8`` is an INT8 model made
+without them (``slimseg compress --no-rewrite``); ``--int8_rewritten`` the one ``compress``
+makes by default, from the rewritten float graph. Without it the rewrites are applied to the
+``--int8`` graph itself (only those that apply to a QDQ graph fire). Speedups are relative to
+the original FP32 graph.
 """
 from __future__ import annotations
 

@@ -320,6 +320,9 @@ def _channel_prune(original, strategy, val, train_set, nodes, *, progress: bool,
     say(f"channel pruning ({cfg.criterion}, ratio {cfg.pruned_ratio}, multiples of {cfg.round_to}): "
         f"MACs {summary['macs_before'] / 1e6:.1f} M -> {summary['macs_after'] / 1e6:.1f} M, "
         f"parameters {summary['params_before']:,} -> {summary['params_after']:,}")
+    from slimseg.model.passes import fold_batchnorm
+
+    pruned = fold_batchnorm.run(pruned).model  # fewer ops to train; bn_scale has already ranked
     tuned, summary["finetune"] = distill_finetune(pruned, original, strategy=strategy, train_set=train_set,
                                                   val_set=val, nodes=nodes, progress=progress, say=say)
     return tuned, summary
