@@ -579,7 +579,7 @@ def test_example_values():
     assert (qat.train_config.train_iter, qat.train_config.eval_iter) == (300, 100)
     assert qat.train_config.learning_rate == pytest.approx(5e-5)
     ptq = load("pp_humanseg_ptq").quant_post
-    assert (ptq.algo, ptq.batch_size, ptq.batch_nums, ptq.bias_correct) == (PTQAlgo.MSE, 8, 8, True)
+    assert (ptq.algo, ptq.batch_size, ptq.batch_nums, ptq.bias_correct) == (PTQAlgo.MINMAX, 8, 8, False)
     sparse = load("pp_humanseg_sparse")
     assert isinstance(sparse.unstructure_prune, UnstructurePrune)
     assert sparse.unstructure_prune.gmp_config.pruning_iterations == 450
