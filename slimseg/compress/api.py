@@ -206,8 +206,7 @@ def _qat(sim, teacher_model, strategy, val, train_set, nodes, *, progress: bool,
     from slimseg.compress.distill import Distiller
     from slimseg.compress.teacher import OrtTeacher
     from slimseg.config import TrainConfig
-    from slimseg.data import collate
-    from slimseg.data.prefetch import Prefetcher
+    from slimseg.compress.finetune import distill_loader
     from slimseg.evaluate import evaluate
     from slimseg.train import default_total_iters, train
 
@@ -229,14 +228,8 @@ def _qat(sim, teacher_model, strategy, val, train_set, nodes, *, progress: bool,
             p.requires_grad_(False)
     params = [p for p in sim.graph.parameters() if p.requires_grad]
 
-    def with_teacher(batch: dict) -> dict:
-        return {**batch, "teacher": distiller.teach(batch["image"])}
-
-    def loader(epoch: int):
-        batches = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
-                                              collate_fn=collate,
-                                              generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        return Prefetcher(batches, with_teacher)  # next batch and its teacher tensors, overlapped
+    # next batch and its teacher tensors prepared in a background thread
+    loader = distill_loader(train_set, batch_size, cfg.seed, distiller)
 
     best: dict[str, Any] = {}
 
