@@ -53,6 +53,7 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
     with the strategy `config` (ACT YAML path, dict or StrategyConfig) on `data` (dataset YAML;
     default: Global.reader_config). Writes model.onnx, report.json and strategy.yaml.
     `rewrite`: apply the exact latency rewrites of :mod:`slimseg.model.optimize` (for onnxruntime)."""
+    from slimseg.compress.distill import strategy_distill_nodes
     from slimseg.config import load_strategy_config
     from slimseg.data import DatasetConfig, build_dataset, load_dataset_config
     from slimseg.evaluate import evaluate
@@ -75,7 +76,7 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
     with atomic_dir(save_dir, overwrite=overwrite) as work:
         baseline = evaluate(loaded, val, progress=progress)
         say(f"baseline val mIoU {baseline.metrics.miou:.4f} (onnxruntime, FP32)")
-        nodes = _distill_nodes(strategy, loaded.onnx)
+        nodes = strategy_distill_nodes(strategy, loaded.onnx)
         model, stages, masks = loaded.onnx, {}, None
         if strategy.channel_prune is not None:
             model, stages["channel_prune"] = _channel_prune(loaded.onnx, strategy, val, train_spec, nodes,
@@ -409,14 +410,6 @@ def _deterministic(dataset, val):
 def _batches(dataset, count: int, batch: int) -> list[torch.Tensor]:
     images = [torch.from_numpy(dataset[i].image) for i in range(count)]
     return [torch.stack(images[i:i + batch]) for i in range(0, count, batch)]
-
-
-def _distill_nodes(strategy, model) -> list[str]:
-    from slimseg.compress.distill import find_distill_nodes
-
-    nodes = strategy.distillation.node if strategy.distillation is not None else []
-    flat = [n for item in nodes for n in (item if isinstance(item, list) else [item])]
-    return flat or find_distill_nodes(model)
 
 
 def _not_quant_nodes(model, patterns) -> list[str]:

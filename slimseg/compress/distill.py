@@ -172,6 +172,14 @@ def find_distill_nodes(model: onnx.ModelProto) -> list[str]:
     return found
 
 
+def strategy_distill_nodes(strategy, model: onnx.ModelProto) -> list[str]:
+    """The strategy's ``Distillation.node`` flattened (groups included), else
+    :func:`find_distill_nodes` on ``model``."""
+    nodes = strategy.distillation.node if strategy.distillation is not None else []
+    flat = [n for item in nodes for n in (item if isinstance(item, list) else [item])]
+    return flat or find_distill_nodes(model)
+
+
 def _last_weighted(graph, output: str, producer: dict[str, int], constants: set[str]) -> int | None:
     best, seen, stack = None, set(), [output]
     while stack:

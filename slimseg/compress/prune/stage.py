@@ -35,7 +35,7 @@ def sparsify(loaded_or_onnx, config, *, strategy, train_set, val_set, progress: 
     """Train a sparse float copy of the model (``config``: UnstructurePrune or ASPPrune) and
     return ``(sparse onnx.ModelProto, summary)``; the model is BN-folded, names unchanged.
     ``teacher``: the model to distill from (default: the model itself, before sparsity)."""
-    from slimseg.compress.distill import Distiller, find_distill_nodes
+    from slimseg.compress.distill import Distiller, strategy_distill_nodes
     from slimseg.compress.finetune import distill_loader
     from slimseg.compress.prune.gmp import Sparsifier
     from slimseg.compress.teacher import OrtTeacher
@@ -60,7 +60,7 @@ def sparsify(loaded_or_onnx, config, *, strategy, train_set, val_set, progress: 
     if getattr(config, "prune_mode", "ratio") == "ratio" and final_ratio < target - 1e-9:
         say(f"the GMP schedule reaches only {final_ratio:.3f} of the ratio {target} within {total} "
             "iterations: lengthen TrainConfig or shorten gmp_config")
-    nodes = list(nodes or _config_nodes(strategy) or find_distill_nodes(original))
+    nodes = list(nodes or strategy_distill_nodes(strategy, original))
     distiller = Distiller(student, OrtTeacher(teacher if teacher is not None else original, nodes),
                           strategy.distillation, nodes=nodes)
     if hasattr(train_set, "cache_decoded"):
@@ -148,11 +148,6 @@ class _BestAtFinal:
             self.student.load_state_dict(self.state)
             self.sparsifier.masks = self.masks
         self.sparsifier.apply()
-
-
-def _config_nodes(strategy) -> list[str]:
-    nodes = strategy.distillation.node if strategy.distillation is not None else []
-    return [n for item in nodes for n in (item if isinstance(item, list) else [item])]
 
 
 def _describe(config) -> str:

@@ -243,11 +243,7 @@ def _correct_in_one_pass(sim: QuantSimulator, images: torch.Tensor, targets) -> 
                                               reference[tensor], shifts, bias_name))
         sim.quantize(True).graph(images)
     finally:
-        for t, module in originals.items():
-            if module is None:
-                sim.graph.detach(t)
-            else:
-                sim.graph.attach(t, module)
+        _restore_hooks(sim.graph, originals)
     return shifts
 
 
@@ -259,7 +255,7 @@ class _ChannelMean(nn.Module):
         self.inner, self.store, self.name = inner, store, name
 
     def forward(self, x):
-        self.store[self.name] = x.mean(dim=[d for d in range(x.dim()) if d != 1])
+        self.store[self.name] = _channel_mean(x)
         return x if self.inner is None else self.inner(x)
 
 
@@ -273,8 +269,7 @@ class _Correct(nn.Module):
         self.inner, self.bias, self.reference, self.shifts, self.name = inner, bias, reference, shifts, name
 
     def forward(self, x):
-        dims = [d for d in range(x.dim()) if d != 1]
-        delta = x.mean(dim=dims) - self.reference
+        delta = _channel_mean(x) - self.reference
         self.bias.sub_(delta.to(self.bias.dtype))
         self.shifts[self.name] = float(delta.abs().mean())
         x = x - delta.reshape([1, -1] + [1] * (x.dim() - 2))
@@ -283,12 +278,21 @@ class _Correct(nn.Module):
 
 def _channel_means(values: dict[str, torch.Tensor], taps: Sequence[str]) -> dict[str, torch.Tensor]:
     """Per-channel mean over batch and space of each tapped (N, C, ...) tensor."""
-    out = {}
-    for t in taps:
-        v = values[t]
-        dims = [d for d in range(v.dim()) if d != 1] if v.dim() > 1 else [0]
-        out[t] = v.mean(dim=dims)
-    return out
+    return {t: _channel_mean(values[t]) for t in taps}
+
+
+def _channel_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dim but the channels (dim 1) of an (N, C, ...) tensor."""
+    return x.mean(dim=[d for d in range(x.dim()) if d != 1] if x.dim() > 1 else [0])
+
+
+def _restore_hooks(graph: TorchGraph, originals: dict) -> None:
+    """Put back the tensor hooks saved as ``{tensor: module or None}``."""
+    for t, module in originals.items():
+        if module is None:
+            graph.detach(t)
+        else:
+            graph.attach(t, module)
 
 
 class _Record(nn.Module):
@@ -319,8 +323,4 @@ class _PreHookRecorder:
         return dict(self.store)
 
     def remove(self) -> None:
-        for t, module in self.original.items():
-            if module is None:
-                self.graph.detach(t)
-            else:
-                self.graph.attach(t, module)
+        _restore_hooks(self.graph, self.original)
