@@ -306,3 +306,45 @@ def test_unknown_node_is_a_clear_error():
     student, teacher = two_conv_pair()
     with pytest.raises(SlimsegError, match="nope"):
         Distiller(student, teacher, Distillation(node=["nope"]))(torch.randn(1, 3, 8, 8))
+
+
+class _CountingGraph(TorchGraph):
+    """A TorchGraph that records whether each forward was partial."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.calls = []
+
+    def forward(self, *inputs, taps=None, only_taps=False):
+        self.calls.append(only_taps)
+        return super().forward(*inputs, taps=taps, only_taps=only_taps)
+
+
+def test_student_runs_only_up_to_the_taps_without_a_label_loss():
+    model = conv_bn_head()
+    student, teacher = _CountingGraph(model), TorchGraph(model)
+    x = torch.randn(2, 3, 8, 8)
+    full = Distiller(student, teacher, nodes=["feat"], label_weight=0.0)(x)[0]
+    assert student.calls == [True]
+    with_labels = Distiller(student, teacher, nodes=["feat"], label_weight=1.0)
+    with_labels(x, torch.zeros(2, 16, 16, dtype=torch.long))
+    assert student.calls == [True, False]   # the label loss needs the graph output
+    assert full.item() < 1e-10
+
+
+def test_ort_teacher_only_taps_drops_the_tail_and_matches():
+    from slimseg.compress.teacher import OrtTeacher, _keep_only
+
+    model = conv_bn_head()
+    x = torch.randn(2, 3, 8, 8)
+    whole = OrtTeacher(model, ["feat"])
+    part = OrtTeacher(model, ["feat"], only_taps=True)
+    assert part.names == ["feat"]
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    _keep_only(pruned.graph, ["feat"])
+    assert [n.op_type for n in pruned.graph.node] == ["Conv", "BatchNormalization"]
+    assert not any(t.name == "up" for t in pruned.graph.initializer)
+    torch.testing.assert_close(part(x, ["feat"])["feat"], whole(x, ["feat"])["feat"])
+    torch.testing.assert_close(part(x, ["feat"])["feat"], TorchGraph(model)(x, taps=["feat"])["feat"],
+                               rtol=1e-4, atol=1e-5)

@@ -25,6 +25,7 @@ config (ACT sums the terms of a group and weights each loss by its alpha), plus
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -329,6 +330,7 @@ class Distiller(nn.Module):
         outputs = getattr(teacher, "output_names", None) or [None]
         self.output = output or outputs[0]
         self.output_kind = output_kind(graph, self.output) if graph is not None else "logits"
+        self._partial = "only_taps" in inspect.signature(student.forward).parameters
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
@@ -340,7 +342,10 @@ class Distiller(nn.Module):
         """``teacher_out``: the teacher's tensors for these images when already computed
         (e.g. ahead of time by :meth:`teach` in a prefetch thread)."""
         t_out = teacher_out if teacher_out is not None else self.teach(images)
-        s_out = self.student(images, taps=self.nodes)
+        with_labels = labels is not None and self.label_weight > 0
+        # without a label loss only the tapped tensors are needed: skip the head's tail
+        partial = {"only_taps": True} if not with_labels and self._partial else {}
+        s_out = self.student(images, taps=self.nodes, **partial)
         if not isinstance(s_out, dict):
             raise SlimsegError(f"the student returned {type(s_out).__name__}, expected a dict of "
                                f"tapped tensors for nodes {self.nodes}")
@@ -352,7 +357,7 @@ class Distiller(nn.Module):
                                      self._pick(t_out, term, "teacher"), node="+".join(term))
                 parts[_unique(f"{g.loss}:{'+'.join(term)}", parts)] = value.detach()
                 total = total + g.alpha * value
-        if labels is not None and self.label_weight > 0:
+        if with_labels:
             value = label_loss(self._score(s_out), labels.to(images.device).long(),
                                kind=self.output_kind, ignore_index=self.ignore_index)
             parts["label"] = value.detach()

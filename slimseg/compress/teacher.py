@@ -16,14 +16,22 @@ from torch import nn
 
 
 class OrtTeacher(nn.Module):
-    """``teacher(images, taps=names) -> {name: Tensor}`` (graph outputs included)."""
+    """``teacher(images, taps=names) -> {name: Tensor}`` (graph outputs included).
 
-    def __init__(self, model: onnx.ModelProto, taps: Sequence[str], *, threads: int | None = None):
+    ``only_taps``: compute just the tapped tensors, not the graph outputs. Distillation taps
+    usually sit before the head's full-resolution Resize and Softmax, which cost the teacher
+    about a fifth of its time at batch 8 and serve no loss.
+    """
+
+    def __init__(self, model: onnx.ModelProto, taps: Sequence[str], *, threads: int | None = None,
+                 only_taps: bool = False):
         super().__init__()
         from slimseg.hardware.runtime import OrtRuntime
 
         augmented = onnx.ModelProto()
         augmented.CopyFrom(model)
+        if only_taps:
+            _keep_only(augmented.graph, list(taps))
         present = {o.name for o in augmented.graph.output}
         augmented.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in taps if t not in present)
         self.names = [o.name for o in augmented.graph.output]
@@ -36,3 +44,23 @@ class OrtTeacher(nn.Module):
         if taps is None:
             return out[self.names[0]]
         return out
+
+
+def _keep_only(graph: onnx.GraphProto, outputs: list[str]) -> None:
+    """Make ``outputs`` the graph's only outputs and drop the nodes and initializers they
+    do not need (walking back from them; ONNX node lists are topologically sorted)."""
+    needed, kept = set(outputs), []
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+            for attr in node.attribute:  # names a subgraph reads from the outer scope
+                for sub in (*attr.graphs, *([attr.g] if attr.HasField("g") else [])):
+                    needed.update(i for n in sub.node for i in n.input if i)
+    kept.reverse()
+    del graph.node[:]
+    graph.node.extend(kept)
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    del graph.output[:]

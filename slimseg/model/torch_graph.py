@@ -176,15 +176,15 @@ class TorchGraph(nn.Module):
         just the nodes the taps need and returns only them (a partial forward)."""
         wanted = self.taps if taps is None else tuple(self._check_taps(taps))
         env = self._environment(inputs)
+        align = any(t.device.type != "cpu" for t in inputs if isinstance(t, torch.Tensor))
         if only_taps:
             plan = self._plan(frozenset(wanted), outputs=False)
             for step, free in zip(plan.steps, plan.free):
-                self._run(step, env, False)
+                self._run(step, env, align)
                 for name in free:
                     env.pop(name, None)
             return {name: env[name] for name in wanted}
         plan = self._plan(frozenset(wanted))
-        align = any(t.device.type != "cpu" for t in inputs if isinstance(t, torch.Tensor))
         for step, free in zip(plan.steps, plan.free):
             self._run(step, env, align)
             for name in free:
@@ -333,12 +333,18 @@ def _toposort(graph: onnx.GraphProto, constants: set[str]) -> list[onnx.NodeProt
     return order
 
 
+def check_supported(model: onnx.ModelProto) -> None:
+    """UnsupportedOpError for the first node TorchGraph cannot run: callers check before long work."""
+    _check_supported(list(model.graph.node))
+
+
 def _check_supported(nodes: list[onnx.NodeProto]) -> None:
     """One error for the first unsupported node, naming how many other ones there are."""
     bad = []
-    for node in nodes:
+    for index, node in enumerate(nodes):
+        label = node.name or f"#{index} (output {node.output[0] if node.output else '?'})"
         try:
-            ops.spec_for(node.op_type, node.name, node.domain)
+            ops.spec_for(node.op_type, label, node.domain)
         except UnsupportedOpError as err:
             bad.append(err)
     if bad:

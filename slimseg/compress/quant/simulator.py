@@ -61,8 +61,8 @@ class QuantSimulator(nn.Module):
         self.set_activation_state("off")
 
     # ---- running ----------------------------------------------------------------------
-    def forward(self, *inputs, taps: Sequence[str] | None = None):
-        return self.graph(*inputs, taps=taps)
+    def forward(self, *inputs, taps: Sequence[str] | None = None, only_taps: bool = False):
+        return self.graph(*inputs, taps=taps, only_taps=only_taps)
 
     def activation(self, name: str) -> ActivationFakeQuant:
         return self.activations[self._activation_keys[name]]
