@@ -20,7 +20,7 @@ import copy
 import difflib
 import heapq
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -165,6 +165,20 @@ class TorchGraph(nn.Module):
         """Remove every module attached with :meth:`attach`."""
         self.tensor_hooks = nn.ModuleDict()
         self._hooked = {}
+
+    def replace_op(self, tensor: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Run ``fn`` instead of the op of the node producing `tensor` (same inputs); returns
+        the op it replaces, so ``fn`` can fall back to it. How the quantization simulator lets
+        a fake quant with a zero lower bound absorb the Relu before it."""
+        index = self._producers.get(tensor)
+        if index is None:
+            raise SlimsegError(f"no node of the graph produces {tensor!r}")
+        previous = self._steps[index].fn
+        steps = list(self._steps)
+        steps[index] = replace(steps[index], fn=fn)
+        self._steps = tuple(steps)
+        self._plans.clear()
+        return previous
 
     def attached(self, tensor: str) -> nn.Module | None:
         key = self._hooked.get(tensor)

@@ -232,6 +232,12 @@ class ActivationFakeQuant(nn.Module):
         scale = float(torch.clamp(self.scale.detach(), min=_MIN_SCALE).float())
         return scale, int(self.zero_point)
 
+    def clamps_negatives(self) -> bool:
+        """Quantizing onto an unsigned grid with zero point 0: every negative input becomes 0,
+        exactly what a Relu before it would do."""
+        return (self._state is FakeQuantState.QUANTIZE and not self.signed and bool(self.initialized)
+                and int(self.zero_point) == 0)
+
     def _require_init(self) -> None:
         if not bool(self.initialized):
             raise SlimsegError(f"fake-quant {self.name or '<unnamed>'} has no range yet: "
