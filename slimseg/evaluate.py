@@ -117,7 +117,11 @@ def evaluate(
         sample = dataset[i]
         if sample.label is None:
             raise DataError(f"{sample.path}: evaluation needs a label for every image")
+        if i == 0:
+            _check_input(sample.image.shape, loaded, dataset)
         output = session.run(sample.image[None].astype(np.float32))[0]
+        if i == 0:
+            _check_classes(output, num_classes, loaded, dataset)
         pred = scores_to_labels(output, sample.label.shape[-2:], num_classes=num_classes)
         matrix.update(pred[0], sample.label)
     seconds = time.perf_counter() - start
@@ -129,6 +133,36 @@ def evaluate(
         dataset=str(dataset.spec.source),
         runtime=runtime,
     )
+
+
+def _where(dataset) -> str:
+    spec = dataset.spec
+    section = getattr(spec, "section", "") or "val_dataset"
+    return f"{section} of {spec.source}"
+
+
+def _check_input(chw: tuple, loaded, dataset) -> None:
+    """A fixed-size model fed another size fails deep in the runtime: name the transform to fix."""
+    want = loaded.input_shape
+    if not want or len(want) != 4 or len(chw) != 3:
+        return
+    if all(w is None or w == g for w, g in zip(want[1:], chw)):
+        return
+    fixed = "x".join("?" if d is None else str(d) for d in want[1:])
+    hint = (f"set Resize target_size: [{want[3]}, {want[2]}] in its transforms" if None not in want[2:]
+            else "fix its transforms")
+    raise DataError(f"the {_where(dataset)} gives {'x'.join(map(str, chw))} (CxHxW) images but model "
+                    f"{loaded.source} takes {fixed} at input {loaded.input_name!r}: {hint}")
+
+
+def _check_classes(output, num_classes: int, loaded, dataset) -> None:
+    """Class scores (N, C, H, W) must have C == num_classes; say which file to change."""
+    out = np.asarray(output)
+    scores = out.ndim == 4 and out.shape[1] > 1 and np.issubdtype(out.dtype, np.floating)
+    if scores and out.shape[1] != num_classes:
+        raise DataError(f"model {loaded.source} outputs {out.shape[1]} classes but the {_where(dataset)} "
+                        f"has num_classes={num_classes}: set num_classes: {out.shape[1]} there, or use the "
+                        f"model trained for these {num_classes} classes")
 
 
 def _default_threads() -> int:

@@ -106,5 +106,17 @@ def _read_yaml(path: Path):
         raise ConfigError("strategy config file not found", file=str(path))
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read it as a YAML text file ({type(err).__name__}: "
+                          f"{getattr(err, 'strerror', None) or err}); pass the strategy YAML here",
+                          file=str(path)) from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"invalid YAML: {err}", file=str(path)) from None
+        raise ConfigError(f"invalid YAML: {yaml_problem(err)}", file=str(path)) from None
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: where, and what it expected."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = getattr(err, "problem", None) or str(err)
+    return where + " ".join(str(what).split())

@@ -217,8 +217,14 @@ def _read_yaml(path: Path, chain: tuple) -> dict:
         raise ConfigError("_base_ inherits from itself", file=str(path), key="_base_")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read it as a YAML text file ({type(err).__name__}: "
+                          f"{getattr(err, 'strerror', None) or err}); pass the dataset YAML here",
+                          file=str(path)) from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"invalid YAML: {err}", file=str(path)) from None
+        from slimseg.config.strategy import yaml_problem
+
+        raise ConfigError(f"invalid YAML: {yaml_problem(err)}", file=str(path)) from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict) or "_base_" not in raw:
         return raw

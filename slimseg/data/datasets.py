@@ -54,7 +54,8 @@ def load_image(path, channels: int = 3) -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"cannot read image {path}: {err}") from None
+        raise DataError(f"cannot read image {path}: {err} (corrupt or not an image: replace the file "
+                        "or remove it from the list)") from None
     return arr if arr.ndim == 3 else arr[:, :, None]
 
 
@@ -67,7 +68,8 @@ def load_label(path) -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"label not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"cannot read label {path}: {err}") from None
+        raise DataError(f"cannot read label {path}: {err} (corrupt or not an image: replace the file "
+                        "or remove it from the list)") from None
     if arr.ndim != 2:
         raise DataError(f"label {path} must be a single-channel image ('P' or 'L'), got mode {mode!r}")
     return arr.astype(np.int64)
@@ -80,7 +82,8 @@ def check_label(label: np.ndarray, num_classes: int, ignore_index: int, path) ->
     if bad.size:
         shown = ", ".join(str(v) for v in bad[:10]) + (", ..." if bad.size > 10 else "")
         raise DataError(f"label {path} has values {shown} outside [0, {num_classes}) "
-                        f"(num_classes={num_classes}, ignore_index={ignore_index})")
+                        f"(num_classes={num_classes}, ignore_index={ignore_index}): fix the label, or set "
+                        "num_classes / ignore_index in the dataset YAML to cover them")
 
 
 def read_list(list_path: Path, dataset_root: Path, separator: str = " ") -> list[ListItem]:
@@ -101,10 +104,12 @@ def read_list(list_path: Path, dataset_root: Path, separator: str = " ") -> list
             paths = [dataset_root / p for p in parts]
             for kind, p in zip(("image", "label"), paths):
                 if not p.is_file():
-                    raise DataError(f"{list_path}:{lineno}: {kind} file not found: {p}")
+                    raise DataError(f"{list_path}:{lineno}: {kind} file not found: {p} (fix that line, "
+                                    "or dataset_root in the dataset YAML)")
             items.append(ListItem(paths[0], paths[1] if len(paths) == 2 else None))
     if not items:
-        raise DataError(f"list file {list_path} lists no images")
+        raise DataError(f"list file {list_path} lists no images: add lines 'image_path label_path' "
+                        "(relative to dataset_root)")
     return items
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import onnx
 
-from slimseg.errors import ConfigError, MissingDependencyError, ModelLoadError
+from slimseg.errors import ConfigError, MissingDependencyError, ModelLoadError, UnsupportedOpError
 from slimseg.model.deploy import DeployConfig, find_deploy, load_deploy
 from slimseg.model.passes import canonicalize
 from slimseg.model.passes._graph import image_input, input_dims
@@ -40,6 +40,8 @@ _P2O_SCRIPT = (
 )
 
 Shape = tuple[int | None, ...]
+# domains some runtime slimseg uses implements (ONNX's own, onnxruntime's contrib ops)
+KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 
 
 @dataclass
@@ -76,6 +78,7 @@ def load_model(model: Any = None, *, model_dir: str | os.PathLike | None = None,
     deploy = load_deploy(source.deploy) if source.deploy else None
     shape = _parse_shape(input_shape) if input_shape is not None else (deploy.input_shape if deploy else None)
     raw = source.load(shape)
+    check_domains(raw, source.name)
     try:
         canonical = canonicalize(raw, input_shape=shape)
         image = image_input(canonical)
@@ -169,9 +172,33 @@ def _paddle_source(program: Path, params: Path) -> _Source:
                    lambda shape: convert_paddle(program, params), find_deploy(program.parent))
 
 
+def check_domains(model: onnx.ModelProto, where: str) -> None:
+    """A node of a custom domain (not ONNX's, not onnxruntime's, not a function the model
+    defines) runs nowhere slimseg measures: say so now, naming the node, not deep in a runtime."""
+    known = KNOWN_DOMAINS | {f.domain for f in model.functions}
+    for index, node in enumerate(model.graph.node):
+        if node.domain not in known:
+            raise UnsupportedOpError(
+                node.op_type, node.name or f"#{index} (output {node.output[0] if node.output else '?'})",
+                f"custom domain {node.domain!r} in {where}: neither onnxruntime nor slimseg implements it; "
+                "export the model with standard ONNX ops")
+
+
+def _check_readable(*paths: Path) -> None:
+    """Open each file once: a permission problem is named here, not as a converter crash."""
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as err:
+            raise ModelLoadError(f"cannot read {path}: {err.strerror or err} (check that the file "
+                                 "exists and its permissions let you read it)") from err
+
+
 # --- frontends ------------------------------------------------------------------------------
 
 def _load_onnx_file(path: Path) -> onnx.ModelProto:
+    _check_readable(path)
     try:
         model = onnx.load(str(path))
     except Exception as err:  # protobuf DecodeError, OSError, external data errors, ...
@@ -183,6 +210,7 @@ def _load_onnx_file(path: Path) -> onnx.ModelProto:
 
 def convert_paddle(program: str | Path, params: str | Path) -> onnx.ModelProto:
     """Convert a Paddle inference model with paddle2onnx (opset 13), in a child process."""
+    _check_readable(Path(program), Path(params))
     try:
         importlib.import_module("paddle2onnx")
     except ImportError as err:

@@ -91,7 +91,8 @@ def spec_for(op_type: str, node_name: str, domain: str = "") -> OpSpec:
     spec = REGISTRY.get(op_type)
     if spec is None:
         hint = did_you_mean(op_type, REGISTRY)
-        raise UnsupportedOpError(op_type, node_name, f"no torch implementation registered{hint}")
+        raise UnsupportedOpError(op_type, node_name, f"no torch implementation registered{hint}, so it "
+                                 "cannot be trained (eval and bench still run it in onnxruntime)")
     return spec
 
 
