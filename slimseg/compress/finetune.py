@@ -18,8 +18,9 @@ from slimseg.errors import ConfigError
 
 def distill_finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, *, strategy, train_set, val_set,
                      nodes: Sequence[str], progress: bool = True,
-                     say: Callable[[str], None] = print) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Train ``student`` to reproduce ``teacher``'s ``nodes``; returns (best model, summary)."""
+                     say: Callable[[str], None] = print, session=None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Train ``student`` to reproduce ``teacher``'s ``nodes``; returns (best model, summary).
+    ``session``: a :class:`~slimseg.train.TrainSession` (checkpoints, device)."""
     from slimseg.compress.distill import Distiller
     from slimseg.compress.prune.stage import safe_train_config
     from slimseg.compress.teacher import OrtTeacher
@@ -35,7 +36,7 @@ def distill_finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, *, stra
     cfg, clip_note = safe_train_config(strategy.train_config)
     batch_size = strategy.train_batch_size(8)
     total = default_total_iters(cfg, len(train_set), batch_size)
-    distiller = Distiller(graph, OrtTeacher(teacher, list(nodes)), strategy.distillation, nodes=list(nodes))
+    distiller = Distiller(graph, OrtTeacher(teacher, list(nodes), only_taps=True), strategy.distillation, nodes=list(nodes))
     if hasattr(train_set, "cache_decoded"):
         train_set.cache_decoded()
     params = [p for p in graph.parameters() if p.is_floating_point()]
@@ -56,7 +57,8 @@ def distill_finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, *, stra
     say(f"fine-tuning: {total} iterations at batch {batch_size}, distilling {list(nodes)}; {clip_note}")
     result = train(distiller, params, distill_loader(train_set, batch_size, cfg.seed, distiller),
                    train_cfg=cfg, total_iters=total, evaluate=evaluate_now, on_best=on_best,
-                   progress=progress, log=say)
+                   progress=progress, log=say, session=session and session.for_stage("finetune"),
+                   state={"best": best})
     if best:
         graph.load_state_dict(best["state"])
     graph.eval()
@@ -65,25 +67,43 @@ def distill_finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, *, stra
     return graph.to_onnx(), summary
 
 
-def distill_loader(train_set, batch_size: int, seed: int, distiller):
+def distill_loader(train_set, batch_size: int, seed: int, distiller) -> "DistillLoader":
     """``loader_factory(epoch)`` for train(): shuffled full batches with the teacher's tensors
     computed ahead in a background thread (see :mod:`slimseg.data.prefetch`)."""
-    from slimseg.data import collate
-    from slimseg.data.prefetch import Prefetcher
-
     if len(train_set) < batch_size:
         raise ConfigError(f"{len(train_set)} training images make no full batch of {batch_size}; "
                           "lower TrainConfig.batch_size")
+    return DistillLoader(train_set, batch_size, seed, distiller)
 
-    def with_teacher(batch: dict) -> dict:
-        return {**batch, "teacher": distiller.teach(batch["image"])}
 
-    def factory(epoch: int):
-        batches = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
-                                              collate_fn=collate,
-                                              generator=torch.Generator().manual_seed(seed + epoch))
-        return Prefetcher(batches, with_teacher)
-    return factory
+class DistillLoader:
+    """Epoch ``e`` visits ``randperm(n, seed + e)`` in full global batches of ``batch_size``
+    (the order of a shuffling DataLoader seeded so); under torchrun each process takes its
+    equal contiguous share of every global batch, so W processes see the batch one would.
+    ``start`` skips whole batches without loading them (resuming mid-epoch)."""
+
+    accepts_start = True
+
+    def __init__(self, train_set, batch_size: int, seed: int, distiller):
+        self.train_set, self.batch_size, self.seed, self.distiller = train_set, batch_size, seed, distiller
+
+    def batches(self, epoch: int, start: int = 0) -> list[list[int]]:
+        from slimseg import distributed as dist
+
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.seed + epoch))
+        order, b = order.tolist(), self.batch_size
+        return [dist.shard(order[i * b:(i + 1) * b]) for i in range(start, len(order) // b)]
+
+    def __call__(self, epoch: int, start: int = 0):
+        from slimseg.data import collate
+        from slimseg.data.prefetch import Prefetcher
+
+        loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=self.batches(epoch, start),
+                                             collate_fn=collate, generator=torch.Generator().manual_seed(epoch))
+        return Prefetcher(loader, self._with_teacher)
+
+    def _with_teacher(self, batch: dict) -> dict:
+        return {**batch, "teacher": self.distiller.teach(batch["image"])}
 
 
 def _check_nodes(student: onnx.ModelProto, teacher: onnx.ModelProto, nodes: Sequence[str]) -> None:

@@ -31,10 +31,11 @@ DEFAULT_CLIP_NORM = 5.0
 
 def sparsify(loaded_or_onnx, config, *, strategy, train_set, val_set, progress: bool = True,
              say: Callable[[str], None] = print, nodes=None,
-             teacher: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+             teacher: onnx.ModelProto | None = None, session=None) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Train a sparse float copy of the model (``config``: UnstructurePrune or ASPPrune) and
     return ``(sparse onnx.ModelProto, summary)``; the model is BN-folded, names unchanged.
-    ``teacher``: the model to distill from (default: the model itself, before sparsity)."""
+    ``teacher``: the model to distill from (default: the model itself, before sparsity);
+    ``session``: a :class:`~slimseg.train.TrainSession` (checkpoints, device)."""
     from slimseg.compress.distill import Distiller, strategy_distill_nodes
     from slimseg.compress.finetune import distill_loader
     from slimseg.compress.prune.gmp import Sparsifier
@@ -61,7 +62,7 @@ def sparsify(loaded_or_onnx, config, *, strategy, train_set, val_set, progress: 
         say(f"the GMP schedule reaches only {final_ratio:.3f} of the ratio {target} within {total} "
             "iterations: lengthen TrainConfig or shorten gmp_config")
     nodes = list(nodes or strategy_distill_nodes(strategy, original))
-    distiller = Distiller(student, OrtTeacher(teacher if teacher is not None else original, nodes),
+    distiller = Distiller(student, OrtTeacher(teacher if teacher is not None else original, nodes, only_taps=True),
                           strategy.distillation, nodes=nodes)
     if hasattr(train_set, "cache_decoded"):
         train_set.cache_decoded()
@@ -74,7 +75,8 @@ def sparsify(loaded_or_onnx, config, *, strategy, train_set, val_set, progress: 
         f"{batch_size}, distilling {nodes}; {clip_note}")
     result = train(distiller, params, distill_loader(train_set, batch_size, cfg.seed, distiller), train_cfg=train_cfg,
                    total_iters=total, evaluate=tracker, progress=progress, log=say,
-                   before_step=sparsifier.before_step, after_step=sparsifier.after_step)
+                   before_step=sparsifier.before_step, after_step=_same_masks_on_all_ranks(sparsifier),
+                   session=session and session.for_stage("sparsity"), state={"sparsity": tracker})
     tracker.restore()
     sparsifier.remove()
     student.eval()
@@ -143,11 +145,38 @@ class _BestAtFinal:
             self.masks = copy.deepcopy(self.sparsifier.masks)
         return miou
 
+    def state_dict(self) -> dict:
+        """For checkpoints: the best snapshot and the sparsifier's current masks and ratio."""
+        return {"best": self.best, "iteration": self.iteration, "state": self.state,
+                "best_masks": getattr(self, "masks", None), "evaluations": self.evaluations,
+                "masks": self.sparsifier.masks, "ratio": self.sparsifier.ratio}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.best, self.iteration, self.state = saved["best"], saved["iteration"], saved["state"]
+        self.evaluations = saved["evaluations"]
+        if saved["best_masks"] is not None:
+            self.masks = saved["best_masks"]
+        self.sparsifier.masks, self.sparsifier.ratio = saved["masks"], saved["ratio"]
+
     def restore(self) -> None:
         if self.state is not None:
             self.student.load_state_dict(self.state)
             self.sparsifier.masks = self.masks
         self.sparsifier.apply()
+
+
+def _same_masks_on_all_ranks(sparsifier):
+    """``after_step`` that, under torchrun, hands rank 0's masks to every rank when they were
+    recomputed (the weights agree, but a tie broken differently must not split the ranks)."""
+    from slimseg import distributed as dist
+
+    def after_step(iteration: int) -> None:
+        ratio = sparsifier.ratio
+        sparsifier.after_step(iteration)
+        if dist.world_size() > 1 and (ratio != sparsifier.ratio or sparsifier.policy.recompute_every_step()):
+            dist.broadcast_tensors(sparsifier.masks.values())
+            sparsifier.apply()
+    return after_step
 
 
 def _describe(config) -> str:
