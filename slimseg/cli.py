@@ -70,19 +70,40 @@ def _add_compress(sub) -> argparse.ArgumentParser:
                        description="Compress a model with a PaddleSlim ACT strategy YAML: ChannelPrune, "
                                    "UnstructurePrune or ASPPrune (each fine-tuned by distillation), then "
                                    "QuantPost (post-training INT8) or QuantAware + Distillation (QAT); exact "
-                                   "graph rewrites for speed. Writes save_dir/model.onnx, report.json and "
-                                   "strategy.yaml. Accuracy and latency are measured in onnxruntime.")
+                                   "graph rewrites for speed. Without a strategy file, or with one that has no "
+                                   "compression section (only Global/TrainConfig), slimseg searches the strategy "
+                                   "itself for --deploy_hardware: PTQ, QAT, sparsity and channel pruning (with "
+                                   "and without INT8) are tried cheapest-first with short runs and the fastest "
+                                   "within --max_metric_drop is trained fully. Writes save_dir/model.onnx, "
+                                   "report.json and strategy.yaml. Accuracy and latency are measured in "
+                                   "onnxruntime.")
     _add_model_args(p)
-    p.add_argument("--strategy_config", "--config_path", dest="strategy_config", required=True,
-                   help="ACT strategy YAML (Global, Distillation, QuantAware, QuantPost, TrainConfig)")
+    p.add_argument("--strategy_config", "--config_path", dest="strategy_config", default=None,
+                   help="ACT strategy YAML (Global, Distillation, QuantAware, QuantPost, TrainConfig); "
+                        "omitted or without a compression section: automatic search")
     p.add_argument("--dataset_config", help="PaddleSeg dataset YAML (default: Global.reader_config)")
     p.add_argument("--save_dir", default="output", help="output folder (default ./output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save_dir")
     p.add_argument("--no-rewrite", dest="rewrite", action="store_false",
                    help="keep the graph as it is (no channel-shuffle folding, 2-class softmax as sigmoid, "
                         "channel alignment); they speed up onnxruntime, not OpenVINO")
-    p.add_argument("--deploy_hardware", default=None,
-                   help="deploy target (seed flag); only the local CPU (onnxruntime) is measured so far")
+    auto = p.add_argument_group("automatic search (when the strategy has no compression section)")
+    auto.add_argument("--deploy_hardware", default=None,
+                      help="target whose latency the search minimizes (seed flag; default Global.deploy_hardware, "
+                           "else cpu): cpu (measured here) or a profile such as SD710 (predicted); an unknown "
+                           "name lists the known ones")
+    auto.add_argument("--max_metric_drop", type=float, default=None,
+                      help="largest accepted val mIoU drop (default 0.005 = 0.5 point, or "
+                           "TrainConfig.target_metric when that is set)")
+    auto.add_argument("--target_speedup", type=float, default=None,
+                      help="accept only candidates at least this much faster than FP32 on the target (ACT's option)")
+    auto.add_argument("--time_budget", default=None, metavar="SECONDS|20m|1h",
+                      help="stop trying candidates when the next one (and the final training) would not fit")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from <save_dir>.checkpoint (same model, strategy, data)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where training runs (default auto: CUDA when present, with AMP); under torchrun "
+                        "each process trains on its share of the batch")
     _add_output_arg(p)
     p.set_defaults(func=_cmd_compress)
     return p
@@ -92,17 +113,34 @@ def _cmd_compress(args) -> int:
     from slimseg.compress.api import compress
     from slimseg.report.text import format_compress
 
-    if args.deploy_hardware not in (None, "cpu", "onnxruntime"):
-        raise SlimsegError(f"--deploy_hardware {args.deploy_hardware!r}: only 'cpu' (onnxruntime on this "
-                           "machine) is supported in this release")
+    from slimseg.compress.auto import format_candidates, parse_duration, resolve_target
+
+    if args.deploy_hardware is not None:
+        resolve_target(args.deploy_hardware)  # an unknown name fails now, listing the known ones
     model = None
     if args.model or args.model_dir:
         model = _load(args)
-    result = compress(model, args.strategy_config, data=args.dataset_config, save_dir=args.save_dir,
-                      overwrite=args.overwrite, progress=not args.quiet, input_shape=args.input_shape,
-                      rewrite=args.rewrite)
-    _print(result.report, args.output, format_compress(result))
+    from slimseg import distributed
+
+    try:
+        result = compress(model, args.strategy_config, data=args.dataset_config, save_dir=args.save_dir,
+                          overwrite=args.overwrite, progress=not args.quiet, input_shape=args.input_shape,
+                          rewrite=args.rewrite, resume=args.resume, device=args.device,
+                          log_fn=_silent if args.quiet else None, deploy_hardware=args.deploy_hardware,
+                          max_metric_drop=args.max_metric_drop, target_speedup=args.target_speedup,
+                          time_budget=parse_duration(args.time_budget))
+        if distributed.is_main():  # under torchrun, rank 0 reports
+            text = format_compress(result)
+            if "candidates" in result.report:
+                text += "\n\n" + format_candidates(result.report["candidates"], target=result.report["auto"]["target"])
+            _print(result.report, args.output, text)
+    finally:
+        distributed.shutdown()
     return 0
+
+
+def _silent(line: str) -> None:
+    """--quiet: info lines go only to save_dir/compress.log."""
 
 
 # --- eval ---------------------------------------------------------------------------------
@@ -263,7 +301,9 @@ def _cmd_export(args) -> int:
 
 def _add_inspect(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show a model's inputs, outputs, ops, parameters and MACs",
-                       description="Import a model the way compress does and summarise the canonical graph.")
+                       description="Import a model the way compress does and summarise the canonical graph: "
+                                   "I/O, ops, parameters, MACs, and what compress would touch: layers "
+                                   "quantized, weights and channel groups prunable, distillation nodes.")
     _add_model_args(p)
     p.add_argument("--save", metavar="FILE.onnx", help="also write the canonical ONNX graph here")
     _add_output_arg(p)
@@ -272,7 +312,8 @@ def _add_inspect(sub) -> argparse.ArgumentParser:
 
 
 def _cmd_inspect(args) -> int:
-    from slimseg.report.text import format_inspect, inspect_model
+    from slimseg.model.inspect import format_compression, inspect_model
+    from slimseg.report.text import format_inspect
 
     loaded = _load(args)
     if args.save:
@@ -280,7 +321,7 @@ def _cmd_inspect(args) -> int:
 
         save_onnx(loaded.onnx, args.save)
     data = inspect_model(loaded)
-    _print(data, args.output, format_inspect(data))
+    _print(data, args.output, f"{format_inspect(data)}\n\n{format_compression(data)}")
     return 0
 
 
@@ -407,8 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SlimsegError as err:
         if args.debug:
             raise
-        print(f"slimseg {args.command}: error: {err}", file=sys.stderr)
+        one_line = " ".join(str(err).split())  # a runtime's message may span lines
+        print(f"slimseg {args.command}: error: {one_line}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print(f"slimseg {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # training says where its checkpoint is and how to resume
+        print(f"slimseg {args.command}: interrupted" + (f": {err}" if str(err) else ""), file=sys.stderr)
         return 130

@@ -50,3 +50,22 @@ def write_vote_dataset(root: Path, *, count: int = 4, size: int = 16, flip_label
     path = root / "dataset.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def trained_tiny_project(root: Path) -> tuple[Path, Path]:
+    """A TinySegNet trained a little on a synthetic dataset, saved as ONNX: (model, dataset
+    YAML). Trained, because an untrained teacher sits on argmax ties everywhere."""
+    import torch
+
+    from slimseg.data import build_dataset
+    from slimseg.demo import TinySegNet, make_synthetic_dataset, train_teacher
+    from slimseg.io import save_onnx
+    from slimseg.model.importers import load_model
+
+    data = make_synthetic_dataset(root / "data", train=32, val=6, size=32, seed=3)
+    torch.manual_seed(0)
+    net = TinySegNet(width=8)
+    train_teacher(net, build_dataset(data, "train"), epochs=6, batch_size=8, lr=2e-2, progress=False)
+    model = root / "model.onnx"
+    save_onnx(load_model(net, input_shape=(1, 3, 32, 32)).onnx, model)
+    return model, data

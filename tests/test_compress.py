@@ -5,29 +5,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
 from slimseg.cli import main
 from slimseg.compress.api import compress
-from slimseg.data import build_dataset
-from slimseg.demo import TinySegNet, make_synthetic_dataset, train_teacher
 from slimseg.errors import ConfigError
+from helpers import trained_tiny_project
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    data = make_synthetic_dataset(root / "data", train=32, val=6, size=32, seed=3)
-    torch.manual_seed(0)
-    net = TinySegNet(width=8)
-    # a trained teacher: an untrained one sits on argmax ties everywhere
-    train_teacher(net, build_dataset(data, "train"), epochs=6, batch_size=8, lr=2e-2, progress=False)
-    model = root / "model.onnx"
-    from slimseg.model.importers import load_model
-    from slimseg.io import save_onnx
-
-    save_onnx(load_model(net, input_shape=(1, 3, 32, 32)).onnx, model)
-    return model, data
+    return trained_tiny_project(tmp_path_factory.mktemp("tiny"))
 
 
 def _ops(model: onnx.ModelProto) -> set[str]:
@@ -88,7 +75,6 @@ def test_cli_compress_and_seed_flags(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("strategy, match", [
-    ({"TrainConfig": {"train_iter": 5}}, "no compression section"),
     ({"UnstructurePrune": {"ratio": 0.5}, "ASPPrune": {}}, "choose one sparsity pattern"),
     ({"TransformerPrune": {"pruned_ratio": 0.25}}, "TransformerPrune is not supported"),
     ({"QuantPost": {"algo": "mse", "bias_corect": True}}, "bias_corect"),

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,16 +20,16 @@ import numpy as np
 import torch
 
 from slimseg import __version__
+from slimseg.compress.quant.placement import PLACEMENTS, placement_style
 from slimseg.errors import ConfigError, SlimsegError
 
 log = logging.getLogger("slimseg")
 
 # Ops that only glue quantized layers together: quantized whatever quantize_op_types lists,
 # because a float op between two int8 layers costs a dequantize/quantize pair and, measured
-# in onnxruntime, the whole speedup (see the README's "Where Q/DQ go").
-GLUE_OPS = frozenset({"Add", "Mul", "Concat", "Softmax", "Sigmoid", "LeakyRelu", "GlobalAveragePool",
-                      "AveragePool", "Relu", "Clip", "MaxPool", "Resize", "Reshape", "Transpose", "Split",
-                      "Slice", "Squeeze", "Unsqueeze", "Flatten", "Gather", "Pad"})
+# in onnxruntime, the whole speedup (see the README's "Where Q/DQ go"). Per placement style:
+# PLACEMENTS[name].glue_ops (OpenVINO's style quantizes only the joins, Add and Concat).
+GLUE_OPS = PLACEMENTS["onnxruntime"].glue_ops
 MIN_AGREEMENT = 0.995
 
 
@@ -48,46 +49,71 @@ class CompressResult:
 
 def compress(model=None, config=None, *, data=None, save_dir="output", overwrite: bool = False,
              progress: bool = True, bench_rounds: int = 200, log_fn: Callable[[str], None] | None = None,
-             input_shape=None, rewrite: bool = True) -> CompressResult:
+             input_shape=None, rewrite: bool = True, placement: str = "onnxruntime",
+             deploy_hardware: str | None = None, max_metric_drop: float | None = None,
+             target_speedup: float | None = None, time_budget: float | str | None = None,
+             resume: bool = False, device: str | None = "auto") -> CompressResult:
     """Compress `model` (anything `load_model` takes; default: the config's Global.model_dir)
     with the strategy `config` (ACT YAML path, dict or StrategyConfig) on `data` (dataset YAML;
-    default: Global.reader_config). Writes model.onnx, report.json and strategy.yaml.
-    `rewrite`: apply the exact latency rewrites of :mod:`slimseg.model.optimize` (for onnxruntime)."""
+    default: Global.reader_config). Writes model.onnx, report.json, report.html and strategy.yaml.
+    `rewrite`: apply the exact latency rewrites of :mod:`slimseg.model.optimize` (for onnxruntime).
+    `placement`: Q/DQ placement style, "onnxruntime" or "openvino" (see quant.placement).
+    A strategy without a compression section (None, or only Global/TrainConfig) runs the automatic
+    search :func:`slimseg.compress.auto.auto_compress` for `deploy_hardware` (default
+    Global.deploy_hardware, else "cpu") with `max_metric_drop`, `target_speedup`, `time_budget`.
+    `resume`: continue from `<save_dir>.checkpoint` (see :mod:`slimseg.checkpoint`); `device`:
+    auto|cpu|cuda for training. Under torchrun, training is data-parallel and rank 0 writes."""
     from slimseg.compress.distill import strategy_distill_nodes
     from slimseg.config import load_strategy_config
     from slimseg.data import DatasetConfig, build_dataset, load_dataset_config
     from slimseg.evaluate import evaluate
-    from slimseg.io import atomic_dir, save_onnx
+    from slimseg.io import save_onnx
     from slimseg.model.importers import load_model
+    from slimseg.model.torch_graph import check_supported
     from slimseg.train import peak_rss_mb
 
     say = log_fn or log.info
     started = time.perf_counter()
     strategy = config if hasattr(config, "quant_aware") else load_strategy_config(config if config is not None else {})
+    placement_style(placement)
+    if not _compression_sections(strategy) and strategy.transformer_prune is None:
+        from slimseg.compress.auto import auto_compress
+
+        return auto_compress(model, strategy, data=data, save_dir=save_dir, deploy_hardware=deploy_hardware,
+                             max_metric_drop=max_metric_drop, target_speedup=target_speedup,
+                             time_budget=time_budget, overwrite=overwrite, progress=progress,
+                             bench_rounds=bench_rounds, log_fn=log_fn, input_shape=input_shape, rewrite=rewrite)
     _check_supported(strategy)
     loaded = load_model(**_model_args(model, strategy), input_shape=input_shape)
+    check_supported(loaded.onnx)  # an op we cannot train fails now, not after the baseline
     data = load_dataset_config(data if data is not None else _reader_config(strategy)) \
         if not isinstance(data, DatasetConfig) else data
     val = build_dataset(data, "val")
     val.cache_decoded()  # evaluated 3 times or more (baseline, agreement, final, during QAT)
     train_spec = build_dataset(data, "train") if data.train is not None else None
-    say(f"model {loaded.source}: {val.spec.num_classes} classes, val set {len(val)} images")
+    ctx, ckpt, session = _open_run(save_dir, loaded, strategy, data, resume=resume, overwrite=overwrite,
+                                   device=device)
+    progress = progress and ctx.is_main
 
-    with atomic_dir(save_dir, overwrite=overwrite) as work:
-        baseline = evaluate(loaded, val, progress=progress)
-        say(f"baseline val mIoU {baseline.metrics.miou:.4f} (onnxruntime, FP32)")
+    with _work_dir(save_dir, overwrite, ctx.is_main) as work:
+        say = _log_to_files(log_fn or log.info, work, ckpt, ctx.is_main)
+        say(f"model {loaded.source}: {val.spec.num_classes} classes, val set {len(val)} images"
+            + (f"; resuming from {ckpt.folder}" if ckpt.resumed else ""))
+        if ctx.is_main:  # only rank 0 evaluates
+            baseline = evaluate(loaded, val, progress=progress)
+            say(f"baseline val mIoU {baseline.metrics.miou:.4f} (onnxruntime, FP32)")
         nodes = strategy_distill_nodes(strategy, loaded.onnx)
         model, stages, masks = loaded.onnx, {}, None
         if strategy.channel_prune is not None:
-            model, stages["channel_prune"] = _channel_prune(loaded.onnx, strategy, val, train_spec, nodes,
-                                                            progress=progress, say=say)
+            model, stages["channel_prune"] = _stage(ckpt, "channel_prune", say, lambda: _channel_prune(
+                loaded.onnx, strategy, val, train_spec, nodes, progress=progress, say=say, session=session))
         sparsity = strategy.unstructure_prune or strategy.asp_prune
         if sparsity is not None:
             from slimseg.compress.prune.stage import sparsify
 
-            model, stages["sparsity"] = sparsify(model, sparsity, strategy=strategy, train_set=train_spec,
-                                                 val_set=val, progress=progress, say=say, nodes=nodes,
-                                                 teacher=loaded.onnx)
+            model, stages["sparsity"] = _stage(ckpt, "sparsity", say, lambda: sparsify(
+                model, sparsity, strategy=strategy, train_set=train_spec, val_set=val, progress=progress,
+                say=say, nodes=nodes, teacher=loaded.onnx, session=session))
             masks = [layer["name"] for layer in stages["sparsity"]["layers"]]
         agreement = None
         quantized = strategy.quant_aware is not None or strategy.quant_post is not None
@@ -95,10 +121,13 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
             model, stages["rewrites"] = _rewrite(model, say)
         if strategy.quant_aware is not None or strategy.quant_post is not None:
             stage = _quantize(model, loaded.onnx, strategy, val, train_spec, nodes, masked=masks,
-                              rewrite=rewrite, progress=progress, say=say)
+                              rewrite=rewrite, placement=placement, progress=progress, say=say, session=session)
             model, stages["quantization"] = stage["model"], stage["summary"]
-            agreement = verify_agreement(stage["simulator"], model, val, progress=progress)
-            say(f"onnxruntime vs training model: argmax agrees on {agreement:.2%} of val pixels")
+            if ctx.is_main:
+                agreement = verify_agreement(stage["simulator"], model, val, progress=progress)
+                say(f"onnxruntime vs training model: argmax agrees on {agreement:.2%} of val pixels")
+        if not ctx.is_main:  # training is over: rank 0 verifies, measures and writes save_dir
+            return _wait_for_main(save_dir)
         final = evaluate(model, val, progress=progress)
         say(f"compressed val mIoU {final.metrics.miou:.4f} (onnxruntime, {_precision(stages)})")
         latency = measure_latency(loaded.onnx, model, loaded.input_shape, rounds=bench_rounds)
@@ -124,14 +153,20 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
         (work / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
-    say(f"wrote {Path(save_dir) / 'model.onnx'} and report.json")
+        from slimseg.report.html import sample_overlays, write_html_report
+
+        write_html_report(json.loads((work / "report.json").read_text()), work / "report.html", model=model,
+                          samples=sample_overlays(loaded.onnx, model, val))
+    ckpt.finish()
+    say(f"wrote {Path(save_dir) / 'model.onnx'}, report.json and report.html")
+    _distributed().barrier()
     return CompressResult(Path(save_dir), report)
 
 
 # ---- stages ------------------------------------------------------------------------------
 
 def _quantize(model, teacher, strategy, val, train_set, nodes, *, masked=None, rewrite: bool = True,
-              progress: bool, say) -> dict[str, Any]:
+              placement: str = "onnxruntime", progress: bool, say, session=None) -> dict[str, Any]:
     """PTQ, then QAT when QuantAware is configured, of `model` (the original or a pruned/sparse
     version of it), distilled from `teacher` (the original); `masked` weights keep their zeros.
     Returns the exported model, the simulator and a summary."""
@@ -155,10 +190,11 @@ def _quantize(model, teacher, strategy, val, train_set, nodes, *, masked=None, r
             say(f"graph rewrites skipped: they rename the distillation tensors {missing}")
         else:
             prepared, rewrites = rewritten, report
-    op_types = set(quant.onnx_op_types()) | GLUE_OPS
+    op_types = set(quant.onnx_op_types()) | placement_style(placement).glue_ops
     skip = set(getattr(post, "skip_tensor_list", None) or [])
     exclude_nodes = _not_quant_nodes(prepared, getattr(strategy.quant_aware, "not_quant_pattern", None))
-    plan = plan_quantization(prepared, op_types=op_types, exclude_nodes=exclude_nodes, exclude_tensors=skip)
+    plan = plan_quantization(prepared, op_types=op_types, exclude_nodes=exclude_nodes, exclude_tensors=skip,
+                             placement=placement)
     say(f"quantizing {len(plan.weights)} weights and {len(plan.activations)} activation groups; "
         f"{len(plan.float_nodes)} nodes stay float")
     weight_method = "mse" if strategy.quant_post is not None or strategy.quant_aware is None else "absmax"
@@ -197,12 +233,14 @@ def _quantize(model, teacher, strategy, val, train_set, nodes, *, masked=None, r
     if rewrites is not None:
         summary["rewrites"] = rewrites
     if strategy.quant_aware is not None:
-        summary["qat"] = _qat(sim, teacher, strategy, val, train_set, nodes, progress=progress, say=say)
+        summary["qat"] = _qat(sim, teacher, strategy, val, train_set, nodes, progress=progress, say=say,
+                              session=session)
     sim.quantize(True)
     return {"model": sim.export(), "simulator": sim, "summary": summary}
 
 
-def _qat(sim, teacher_model, strategy, val, train_set, nodes, *, progress: bool, say) -> dict[str, Any]:
+def _qat(sim, teacher_model, strategy, val, train_set, nodes, *, progress: bool, say,
+         session=None) -> dict[str, Any]:
     """Quantization-aware training distilled from the original model (teacher in onnxruntime)."""
     from slimseg.compress.distill import Distiller
     from slimseg.compress.teacher import OrtTeacher
@@ -217,7 +255,7 @@ def _qat(sim, teacher_model, strategy, val, train_set, nodes, *, progress: bool,
     cfg = strategy.train_config or TrainConfig()
     batch_size = strategy.train_batch_size(8)
     total = default_total_iters(cfg, len(train_set), batch_size)
-    distiller = Distiller(sim, OrtTeacher(teacher_model, nodes), strategy.distillation, nodes=nodes)
+    distiller = Distiller(sim, OrtTeacher(teacher_model, nodes, only_taps=True), strategy.distillation, nodes=nodes)
     if hasattr(train_set, "cache_decoded"):
         train_set.cache_decoded()  # every image is read once per epoch for many epochs
     sim.quantize(True)
@@ -246,7 +284,8 @@ def _qat(sim, teacher_model, strategy, val, train_set, nodes, *, progress: bool,
 
     say(f"QAT: {total} iterations at batch {batch_size}, distilling {nodes}")
     result = train(distiller, params, loader, train_cfg=cfg, total_iters=total, evaluate=evaluate_now,
-                   on_best=on_best, progress=progress, log=say)
+                   on_best=on_best, progress=progress, log=say, session=session and session.for_stage("qat"),
+                   state={"best": best})
     if best:
         sim.load_state_dict(best["state"])
     sim.eval()
@@ -302,7 +341,7 @@ def measure_latency(original, compressed, input_shape, *, rounds: int = 200) -> 
     return out
 
 
-def _channel_prune(original, strategy, val, train_set, nodes, *, progress: bool, say):
+def _channel_prune(original, strategy, val, train_set, nodes, *, progress: bool, say, session=None):
     """Remove channels (ChannelPrune), then recover accuracy by distillation from the original."""
     from slimseg.compress.finetune import distill_finetune
     from slimseg.compress.prune.channel import prune_channels
@@ -318,7 +357,8 @@ def _channel_prune(original, strategy, val, train_set, nodes, *, progress: bool,
 
     pruned = fold_batchnorm.run(pruned).model  # fewer ops to train; bn_scale has already ranked
     tuned, summary["finetune"] = distill_finetune(pruned, original, strategy=strategy, train_set=train_set,
-                                                  val_set=val, nodes=nodes, progress=progress, say=say)
+                                                  val_set=val, nodes=nodes, progress=progress, say=say,
+                                                  session=session)
     return tuned, summary
 
 
@@ -369,19 +409,75 @@ def _zipped_size(model) -> int:
 
 # ---- helpers ------------------------------------------------------------------------------
 
+def _distributed():
+    from slimseg import distributed
+
+    return distributed
+
+
+def _open_run(save_dir, loaded, strategy, data, *, resume: bool, overwrite: bool, device):
+    """(process context, checkpointer, TrainSession): torchrun's group joined, the checkpoint
+    folder of this (model, strategy, dataset) opened (see :mod:`slimseg.checkpoint`)."""
+    from slimseg.checkpoint import Checkpointer, checkpoint_dir, fingerprint
+    from slimseg.train import TrainSession
+
+    ctx = _distributed().init(device)
+    key = fingerprint(loaded.onnx.SerializeToString(), strategy.resolved(), data.to_dict())
+    ckpt = Checkpointer(checkpoint_dir(save_dir), fingerprint=key, resume=resume, overwrite=overwrite,
+                        writer=ctx.is_main)
+    return ctx, ckpt, TrainSession(checkpointer=ckpt, device=ctx.device)
+
+
+@contextmanager
+def _work_dir(save_dir, overwrite: bool, main: bool):
+    """save_dir written atomically by rank 0; other ranks get a folder that is thrown away."""
+    import tempfile
+
+    from slimseg.io import atomic_dir
+
+    if main:
+        with atomic_dir(save_dir, overwrite=overwrite) as work:
+            yield work
+    else:
+        with tempfile.TemporaryDirectory(prefix="slimseg-rank-") as work:
+            yield Path(work)
+
+
+def _log_to_files(echo, work: Path, ckpt, main: bool):
+    """Every line to the console, save_dir/compress.log and a copy in the checkpoint folder
+    (earlier runs' lines first when resuming); other ranks say nothing."""
+    from slimseg.checkpoint import LOG_NAME, LineLog
+
+    if not main:
+        return lambda line: None
+    return LineLog(echo, [work / LOG_NAME, ckpt.log_path], preamble=ckpt.previous_log())
+
+
+def _stage(ckpt, name: str, say, run):
+    """A stage's (model, summary): stored by a finished earlier run, or run now and stored;
+    rank 0's result on every rank."""
+    return tuple(_distributed().broadcast_object(ckpt.run_stage(name, run, say)))
+
+
+def _wait_for_main(save_dir) -> CompressResult:
+    _distributed().barrier()
+    return CompressResult(Path(save_dir), {})
+
+
+
 def _check_supported(strategy) -> None:
     if strategy.transformer_prune is not None:
         raise ConfigError("TransformerPrune is not supported (segmentation CNNs have no attention heads "
                           "to prune); use ChannelPrune", file=strategy.source, key="TransformerPrune")
-    stages = (strategy.quant_aware, strategy.quant_post, strategy.unstructure_prune, strategy.asp_prune,
-              strategy.channel_prune)
-    if all(stage is None for stage in stages):
-        raise ConfigError("the strategy has no compression section (QuantAware, QuantPost, UnstructurePrune, "
-                          "ASPPrune or ChannelPrune); automatic strategy selection is not available yet",
-                          file=strategy.source)
     if strategy.unstructure_prune is not None and strategy.asp_prune is not None:
         raise ConfigError("UnstructurePrune and ASPPrune both set: choose one sparsity pattern",
                           file=strategy.source, key="ASPPrune")
+
+
+def _compression_sections(strategy) -> list[str]:
+    """The compression sections the strategy sets (none: the automatic search chooses)."""
+    fields = ("quant_aware", "quant_post", "unstructure_prune", "asp_prune", "channel_prune")
+    return [name for name in fields if getattr(strategy, name) is not None]
 
 
 def _model_args(model, strategy) -> dict[str, Any]:

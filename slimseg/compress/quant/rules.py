@@ -58,6 +58,20 @@ class FloatRule:
         return f"no int8 rule for op type {node.op_type!r}"
 
 
+def mark_input_and_weight(node: onnx.NodeProto, marks: "Marks", axis) -> str | None:
+    """Q/DQ on a weighted op's activation input (per tensor) and weight (per output channel
+    along ``axis(node, rank)``); the reason when either cannot be quantized."""
+    x, w = node.input[0], node.input[1]
+    if not marks.is_weight(w):
+        return f"its weight {w!r} is not a float initializer"
+    why = marks.why_not_activation(x)
+    if why:
+        return why
+    marks.mark(x)
+    marks.add_weight(w, node, axis(node, marks.rank(w)))
+    return None
+
+
 @dataclass(frozen=True)
 class WeightedRule:
     """Conv-like ops: activation x per tensor, weight per output channel, bias int32, output.
@@ -74,15 +88,11 @@ class WeightedRule:
 
     def apply(self, node: onnx.NodeProto, marks: "Marks") -> str | None:
         x, w = node.input[0], node.input[1]
-        if not marks.is_weight(w):
-            if self.no_weight is not None:
-                return self.no_weight.apply(node, marks)
-            return f"its weight {w!r} is not a float initializer"
-        why = marks.why_not_activation(x)
+        if not marks.is_weight(w) and self.no_weight is not None:
+            return self.no_weight.apply(node, marks)
+        why = mark_input_and_weight(node, marks, self.axis)
         if why:
             return why
-        marks.mark(x)
-        marks.add_weight(w, node, self.axis(node, marks.rank(w)))
         bias = node.input[2] if len(node.input) > 2 else ""
         if bias and marks.is_weight(bias) and marks.rank(bias) == 1 and self.bias_ok(node):
             marks.add_bias(bias, node, x, w)
