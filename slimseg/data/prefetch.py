@@ -1,9 +1,9 @@
 """Prepare the next batches in a background thread while the current one trains.
 
 A training step on CPU leaves gaps: torch's many small ops synchronise their threads, and the
-Python between them holds nobody else up. Loading a batch (PIL and numpy release the GIL) and
-running the frozen teacher in onnxruntime (which releases it too) fit in those gaps, so they
-cost little when overlapped and their whole time when run in line.
+Python between them holds nobody else up. Loading a batch (PIL and numpy release the GIL) fits
+in those gaps. A whole onnxruntime teacher does not on 2 cores (its threads and torch's then
+contend); with the student on a GPU it does (see ``finetune.DistillLoader.teacher_ahead``).
 """
 from __future__ import annotations
 
