@@ -236,3 +236,20 @@ def test_a_strategy_with_compression_sections_is_not_searched(tiny, tmp_path):
     model, data = tiny
     with pytest.raises(ConfigError, match="remove QuantPost"):
         auto_compress(model, {"QuantPost": {}}, data=data, save_dir=tmp_path / "o", deploy_hardware=FakeTarget())
+
+
+def test_qat_candidate_gets_a_qat_learning_rate():
+    from dataclasses import replace as _replace
+
+    from slimseg.compress.auto import QAT_LR, SearchSpace, build_candidates
+    from slimseg.config import StrategyConfig, TrainConfig
+
+    def qat_lr(lr):
+        base = StrategyConfig(train_config=_replace(TrainConfig(), learning_rate=lr, train_iter=50))
+        qat = next(c for c in build_candidates(base, SearchSpace(), full_iters=50) if c.method == "qat")
+        sparse = next(c for c in build_candidates(base, SearchSpace(), full_iters=50) if c.method == "sparse")
+        assert sparse.strategy.train_config.learning_rate == lr  # sparsity keeps the user's rate
+        return qat.strategy.train_config.learning_rate
+
+    assert qat_lr(5e-3) == QAT_LR
+    assert qat_lr(1e-4) == 1e-4
