@@ -75,8 +75,9 @@ def _add_compress(sub) -> argparse.ArgumentParser:
                                    "itself for --deploy_hardware: PTQ, QAT, sparsity and channel pruning (with "
                                    "and without INT8) are tried cheapest-first with short runs and the fastest "
                                    "within --max_metric_drop is trained fully. Writes save_dir/model.onnx, "
-                                   "report.json and strategy.yaml. Accuracy and latency are measured in "
-                                   "onnxruntime.")
+                                   "report.json, report.html, strategy.yaml and compress.log (with --quiet, "
+                                   "the log file is the only place info lines go). Accuracy and latency are "
+                                   "measured in onnxruntime.")
     _add_model_args(p)
     p.add_argument("--strategy_config", "--config_path", dest="strategy_config", default=None,
                    help="ACT strategy YAML (Global, Distillation, QuantAware, QuantPost, TrainConfig); "
