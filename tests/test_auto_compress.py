@@ -257,3 +257,24 @@ def test_qat_candidate_gets_a_qat_learning_rate():
 
     assert qat_lr(5e-3) == QAT_LR
     assert qat_lr(1e-4) == 1e-4
+
+
+def test_measured_candidates_are_timed_interleaved_with_fp32():
+    """A machine twice as slow later must not halve a candidate's speedup: its latency is put on
+    the scale of the first FP32 measurement through an FP32 timing taken with it."""
+    from slimseg.compress.auto import _Context
+
+    class DriftingTarget:
+        kind = "measured"
+
+        def latencies(self, models, input_shape=None):
+            ms = {"fp32": 40.0, "candidate": 20.0}   # the machine is 2x slower now
+            return {k: Latency(ms[k], False, "interleaved", {}) for k in models}
+
+    ctx = _Context.__new__(_Context)
+    ctx.target, ctx.shape, ctx.base_ms = DriftingTarget(), None, 20.0
+    ctx.loaded = types.SimpleNamespace(onnx=None)
+    ms, predicted, pair = ctx._measure(None)
+    assert (ms, predicted, pair) == (10.0, False, (40.0, 20.0))   # 2x, as timed together
+    ctx.target = FakeTarget(macs_matter=False)                      # predicted: no FP32 pairing
+    assert ctx._measure(onnx.ModelProto())[2] is None
