@@ -20,7 +20,7 @@ from slimseg.report import plots
 from slimseg.report.html import SECTIONS, OverlaySample, layer_rows, render_html, sample_overlays, \
     write_html_report
 
-from helpers import channel_vote_model, write_vote_dataset
+from helpers import channel_vote_model, trained_tiny_project, write_vote_dataset
 
 CHROMIUM = Path("/usr/bin/chromium")
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -381,3 +381,22 @@ def test_report_renders_in_headless_chromium(compressed, tmp_path):
     check = _browser_check(bad, tmp_path)
     assert check["broken"] == 1 and any("undefined_function" in e for e in check["errors"]), check
 
+
+
+def test_a_failing_report_html_does_not_lose_the_run(tmp_path, monkeypatch):
+    """The model and report.json are complete before report.html: a rendering failure is one
+    warning line, not a failed compress."""
+    from slimseg.compress.api import compress
+    from slimseg.report import html as report_html
+
+    def broken(*args, **kwargs):
+        raise ValueError("a plotting backend problem")
+
+    monkeypatch.setattr(report_html, "write_html_report", broken)
+    model, data = trained_tiny_project(tmp_path)
+    lines = []
+    result = compress(model, {"QuantPost": {"algo": "minmax", "batch_size": 4, "batch_nums": 1}}, data=data,
+                      save_dir=tmp_path / "out", progress=False, bench_rounds=2, log_fn=lines.append)
+    names = {p.name for p in result.save_dir.iterdir()}
+    assert {"model.onnx", "report.json"} <= names and "report.html" not in names
+    assert any("report.html not written" in line and "plotting backend" in line for line in lines)

@@ -160,12 +160,12 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
         (work / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
-        from slimseg.report.html import sample_overlays, write_html_report
+        from slimseg.report.html import write_report_for_run
 
-        write_html_report(json.loads((work / "report.json").read_text()), work / "report.html", model=model,
-                          samples=sample_overlays(loaded.onnx, model, val))
+        html = write_report_for_run(json.loads((work / "report.json").read_text()), work / "report.html",
+                                    baseline=loaded.onnx, model=model, val_set=val, say=say)
     ckpt.finish()
-    say(f"wrote {Path(save_dir) / 'model.onnx'}, report.json and report.html")
+    say(f"wrote {Path(save_dir) / 'model.onnx'}, report.json" + (" and report.html" if html else ""))
     _distributed().barrier()
     return CompressResult(Path(save_dir), report)
 

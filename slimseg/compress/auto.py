@@ -460,11 +460,10 @@ def _publish(run_dir: Path, save_dir, overwrite: bool, rows, auto, ctx: "_Contex
         shutil.copytree(run_dir, work, dirs_exist_ok=True)
         (work / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
         if (work / "report.html").exists():
-            from slimseg.report.html import sample_overlays, write_html_report
+            from slimseg.report.html import write_report_for_run
 
-            model = onnx.load(str(work / "model.onnx"))
-            write_html_report(report, work / "report.html", model=model,
-                              samples=sample_overlays(ctx.loaded.onnx, model, ctx.val))
+            write_report_for_run(report, work / "report.html", baseline=ctx.loaded.onnx,
+                                 model=onnx.load(str(work / "model.onnx")), val_set=ctx.val, say=ctx.say)
     return report
 
 

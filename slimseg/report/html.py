@@ -124,6 +124,19 @@ def _section(key: str, title: str):
     return register
 
 
+def write_report_for_run(report: dict, path, *, baseline, model, val_set, say) -> bool:
+    """report.html for a finished compress run, never its undoing: the model and report.json
+    are already complete, so a failure here (an odd report, a plotting backend problem) is one
+    warning line and no report.html, not a lost run. Returns whether it was written."""
+    try:
+        write_html_report(report, path, model=model, samples=sample_overlays(baseline, model, val_set))
+        return True
+    except Exception as err:  # noqa: BLE001 -- any failure of an optional view of the results
+        say(f"warning: report.html not written ({type(err).__name__}: {' '.join(str(err).split())}); "
+            "model.onnx and report.json are complete")
+        return False
+
+
 def write_html_report(report: dict, path, *, samples: Sequence[OverlaySample] | None = None,
                       model=None) -> Path:
     """Write :func:`render_html` to `path` atomically; `model` is the compressed ONNX model."""
