@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import yaml
+from onnx import helper, numpy_helper
 from PIL import Image
 
 
@@ -69,3 +70,63 @@ def trained_tiny_project(root: Path) -> tuple[Path, Path]:
     model = root / "model.onnx"
     save_onnx(load_model(net, input_shape=(1, 3, 32, 32)).onnx, model)
     return model, data
+
+
+# --- a decisive 3-class conv model and a dataset it gets right (bad-input and read-only tests) ---
+
+SIZE, CLASSES = 16, 3
+
+def decisive_model(size: int = SIZE, classes: int = CLASSES, *, extra_node=None) -> onnx.ModelProto:
+    """Conv3x3 -> BN -> Relu -> Conv1x1 -> Softmax whose class is the brightest RGB channel: the
+    margins are wide, so int8 keeps every argmax (compress's agreement check passes)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.01, (3, 3, 3, 3)).astype(np.float32)
+    w1[np.arange(3), np.arange(3), 1, 1] = 2.0
+    w2 = (3 * np.eye(classes, 3)).astype(np.float32).reshape(classes, 3, 1, 1)
+    inits = [numpy_helper.from_array(a, n) for n, a in (
+        ("w1", w1), ("bn_s", np.ones(3, np.float32)), ("bn_b", np.zeros(3, np.float32)),
+        ("bn_m", np.zeros(3, np.float32)), ("bn_v", np.ones(3, np.float32)), ("w2", w2))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "bn_s", "bn_b", "bn_m", "bn_v"], ["b1"], name="bn1"),
+             helper.make_node("Relu", ["b1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["logits"], name="head"),
+             helper.make_node("Softmax", ["logits"], ["prob"], name="softmax", axis=1)]
+    if extra_node is not None:  # a node between the head and the softmax
+        nodes[3].output[0] = "pre"
+        nodes.insert(4, extra_node)
+    graph = helper.make_graph(nodes, "decisive", [helper.make_tensor_value_info("x", 1, ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("prob", 1, ["N", classes, size, size])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def write_dataset(root: Path, *, train: int = 4, val: int = 4, size: int = SIZE) -> Path:
+    """PNG images whose label at each pixel is the brightest channel, train/val lists, a YAML."""
+    rng = np.random.default_rng(1)
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("val", val)):
+        lines = []
+        for i in range(count):
+            label = rng.integers(0, CLASSES, (size, size)).astype(np.uint8)
+            image = rng.integers(0, 40, (size, size, 3)).astype(np.uint8)
+            np.put_along_axis(image, label[..., None].astype(np.int64), 230, axis=2)
+            Image.fromarray(image).save(root / "images" / f"{split}{i}.png")
+            Image.fromarray(label, mode="L").save(root / "labels" / f"{split}{i}.png")
+            lines.append(f"images/{split}{i}.png labels/{split}{i}.png")
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    transforms = [{"type": "Resize", "target_size": [size, size]}, {"type": "Normalize"}]
+    config = {"train_dataset": {"type": "Dataset", "dataset_root": ".", "train_path": "train.txt",
+                                "num_classes": CLASSES, "mode": "train", "transforms": transforms},
+              "val_dataset": {"type": "Dataset", "dataset_root": ".", "val_path": "val.txt",
+                              "num_classes": CLASSES, "mode": "val", "transforms": transforms}}
+    path = root / "dataset.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def write_project(root: Path) -> tuple[Path, Path]:
+    """(model.onnx in root/model, dataset.yaml in root/data)."""
+    (root / "model").mkdir(parents=True)
+    model = root / "model" / "model.onnx"
+    onnx.save(decisive_model(), model)
+    return model, write_dataset(root / "data")

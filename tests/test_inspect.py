@@ -11,7 +11,7 @@ from helpers import channel_vote_model
 from slimseg.cli import main
 from slimseg.model.importers import load_model
 from slimseg.model.inspect import inspect_model
-from test_bad_input import decisive_model
+from helpers import decisive_model
 
 
 @pytest.fixture

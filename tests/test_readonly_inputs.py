@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from slimseg.cli import main
-from test_bad_input import write_project
+from helpers import write_project
 
 QAT = """QuantPost:
   algo: minmax
