@@ -49,18 +49,19 @@ class OrtTeacher(nn.Module):
 def _keep_only(graph: onnx.GraphProto, outputs: list[str]) -> None:
     """Make ``outputs`` the graph's only outputs and drop the nodes and initializers they
     do not need (walking back from them; ONNX node lists are topologically sorted)."""
+    from slimseg.model.passes._graph import subgraphs, used_names
+    from slimseg.model.passes.fold_constants import remove_unused_initializers
+
     needed, kept = set(outputs), []
     for node in reversed(graph.node):
         if needed.intersection(node.output):
             kept.append(node)
             needed.update(i for i in node.input if i)
-            for attr in node.attribute:  # names a subgraph reads from the outer scope
-                for sub in (*attr.graphs, *([attr.g] if attr.HasField("g") else [])):
-                    needed.update(i for n in sub.node for i in n.input if i)
+            for sub in subgraphs(node):  # names a subgraph reads from the outer scope
+                needed |= used_names(sub)
     kept.reverse()
     del graph.node[:]
     graph.node.extend(kept)
-    initializers = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
     del graph.output[:]
+    graph.output.extend(helper.make_empty_tensor_value_info(t) for t in outputs)
+    remove_unused_initializers(graph)
