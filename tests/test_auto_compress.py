@@ -92,6 +92,8 @@ def test_fastest_accepted_candidate_wins(tiny, tmp_path):
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["auto"]["chosen"] == "prune30_int8" and len(saved["candidates"]) == 4
     assert saved["compressed"]["stats"]["macs"] < saved["baseline"]["stats"]["macs"]
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "prune30_int8" in page and "ptq_int8" in page   # drawn once, with every candidate
 
 
 def test_no_strategy_file_from_the_cli(tiny, tmp_path, fake_targets, capsys):

@@ -52,7 +52,7 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
              input_shape=None, rewrite: bool = True, placement: str = "onnxruntime",
              deploy_hardware: str | None = None, max_metric_drop: float | None = None,
              target_speedup: float | None = None, time_budget: float | str | None = None,
-             resume: bool = False, device: str | None = "auto") -> CompressResult:
+             resume: bool = False, device: str | None = "auto", html: bool = True) -> CompressResult:
     """Compress `model` (anything `load_model` takes; default: the config's Global.model_dir)
     with the strategy `config` (ACT YAML path, dict or StrategyConfig) on `data` (dataset YAML;
     default: Global.reader_config). Writes model.onnx, report.json, report.html and strategy.yaml.
@@ -62,7 +62,8 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
     search :func:`slimseg.compress.auto.auto_compress` for `deploy_hardware` (default
     Global.deploy_hardware, else "cpu") with `max_metric_drop`, `target_speedup`, `time_budget`.
     `resume`: continue from `<save_dir>.checkpoint` (see :mod:`slimseg.checkpoint`); `device`:
-    auto|cpu|cuda for training. Under torchrun, training is data-parallel and rank 0 writes."""
+    auto|cpu|cuda for training. Under torchrun, training is data-parallel and rank 0 writes.
+    `html`: also write report.html (the automatic search draws it once, for the chosen run)."""
     from slimseg.compress.distill import strategy_distill_nodes
     from slimseg.config import load_strategy_config
     from slimseg.data import DatasetConfig, build_dataset, load_dataset_config
@@ -160,10 +161,11 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
         (work / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
-        from slimseg.report.html import write_report_for_run
+        if html:
+            from slimseg.report.html import write_report_for_run
 
-        html = write_report_for_run(json.loads((work / "report.json").read_text()), work / "report.html",
-                                    baseline=loaded.onnx, model=model, val_set=val, say=say)
+            html = write_report_for_run(json.loads((work / "report.json").read_text()), work / "report.html",
+                                        baseline=loaded.onnx, model=model, val_set=val, say=say)
     ckpt.finish()
     say(f"wrote {Path(save_dir) / 'model.onnx'}, report.json" + (" and report.html" if html else ""))
     _distributed().barrier()

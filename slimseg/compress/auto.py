@@ -449,8 +449,10 @@ def _check_save_dir(save_dir, overwrite: bool) -> None:
 
 
 def _publish(run_dir: Path, save_dir, overwrite: bool, rows, auto, ctx: "_Context") -> dict[str, Any]:
-    """The chosen run's files, its report plus ``candidates`` and ``auto`` (and report.html
-    drawn again from it, with the candidates' plot), written atomically."""
+    """The chosen run's files, its report plus ``candidates`` and ``auto``, and report.html
+    drawn from that report (with the candidates' plot), written atomically. The candidates'
+    own runs write no report.html: each would run both models on val images for a page
+    nobody reads."""
     from slimseg.compress.api import _jsonable
     from slimseg.io import atomic_dir
 
@@ -459,11 +461,10 @@ def _publish(run_dir: Path, save_dir, overwrite: bool, rows, auto, ctx: "_Contex
     with atomic_dir(save_dir, overwrite=overwrite) as work:
         shutil.copytree(run_dir, work, dirs_exist_ok=True)
         (work / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
-        if (work / "report.html").exists():
-            from slimseg.report.html import write_report_for_run
+        from slimseg.report.html import write_report_for_run
 
-            write_report_for_run(report, work / "report.html", baseline=ctx.loaded.onnx,
-                                 model=onnx.load(str(work / "model.onnx")), val_set=ctx.val, say=ctx.say)
+        write_report_for_run(report, work / "report.html", baseline=ctx.loaded.onnx,
+                             model=onnx.load(str(work / "model.onnx")), val_set=ctx.val, say=ctx.say)
     return report
 
 
@@ -574,7 +575,7 @@ class _Context:
         tic = _clock()
         result = compress(self.loaded, c.strategy if full else c.short_strategy, data=self.data, save_dir=run_dir,
                           progress=self.progress, bench_rounds=rounds, rewrite=self.rewrite,
-                          placement=c.placement, log_fn=lambda m: self.say(f"  [{c.name}] {m}"))
+                          placement=c.placement, log_fn=lambda m: self.say(f"  [{c.name}] {m}"), html=False)
         ms, predicted, pair = self._measure(onnx.load(str(result.model_path)))
         train_seconds, iterations = _training_time(result.report)
         return Outcome(result.report["compressed"]["metrics"]["miou"], ms, predicted, _clock() - tic,
