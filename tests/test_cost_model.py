@@ -176,6 +176,7 @@ PUBLISHED_MS = {"fp32": 56.363, "int8": 49.656, "sparse75": 37.712}  # PaddleSli
 
 def portrait_variants(assets):
     """FP32 (BN folded, as Paddle-Lite fuses it), INT8 (slimseg's min/max Q/DQ) and 75 % sparse 1x1."""
+    from slimseg.compress.prune.masks import zero_smallest
     from slimseg.compress.quant.qdq import quantize_minmax
     from slimseg.model.importers import load_model
     from slimseg.model.passes import fold_batchnorm
@@ -183,14 +184,7 @@ def portrait_variants(assets):
     loaded = load_model(model_dir=assets / "models" / "pp_humanseg_lite_portrait_398x224")
     fp32 = fold_batchnorm.run(loaded.onnx).model
     calib = [np.random.default_rng(0).standard_normal((1, 3, 224, 398)).astype(np.float32)]
-    sparse = onnx.ModelProto()
-    sparse.CopyFrom(fp32)
-    for t in sparse.graph.initializer:
-        w = numpy_helper.to_array(t)
-        if w.ndim == 4 and w.shape[1] > 1 and w.shape[2:] == (1, 1):
-            w = w.copy()
-            w.reshape(-1)[np.argsort(np.abs(w).reshape(-1))[: int(round(0.75 * w.size))]] = 0.0
-            t.CopyFrom(numpy_helper.from_array(w, t.name))
+    sparse = zero_smallest(fp32, 0.75)[0]  # 75 % of every 1x1 conv weight, as UnstructurePrune conv1x1_only
     return {"fp32": loaded.onnx, "int8": quantize_minmax(fp32, calib), "sparse75": sparse}
 
 

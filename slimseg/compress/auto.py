@@ -689,32 +689,16 @@ def _proxy(original: onnx.ModelProto, structure: str, ratio, int8: bool, placeme
 
         model = prune_channels(original, ratio, round_to=4)[0]
     model = fold_batchnorm.run(model).model
-    if structure == "sparse":
-        model, masked = _zero_smallest(model, ratio)
+    if structure == "sparse":  # the sparse candidates' pattern: conv1x1_only, local
+        from slimseg.compress.prune.masks import zero_smallest
+
+        model, masked = zero_smallest(model, ratio)
     quiet = lambda message: None  # noqa: E731
     if not int8:
         return _rewrite(model, quiet)[0] if rewrite else model
     strategy = StrategyConfig(quant_post=QuantPost(algo="minmax", batch_size=1, batch_nums=1, bias_correct=False))
     return _quantize(model, original, strategy, val, None, [], masked=masked, rewrite=rewrite, placement=placement,
                      progress=False, say=quiet)["model"]
-
-
-def _zero_smallest(model: onnx.ModelProto, ratio: float) -> tuple[onnx.ModelProto, list[str]]:
-    """The 1x1 conv weights with the `ratio` smallest |w| of each layer zeroed (the sparse
-    candidates' pattern: conv1x1_only, local)."""
-    import torch
-    from onnx import numpy_helper
-
-    from slimseg.compress.prune.masks import eligible_weights, magnitude_masks
-    from slimseg.model.passes._graph import copy_model
-
-    model = copy_model(model)
-    names = [w.name for w in eligible_weights(model, params_type="conv1x1_only")]
-    inits = {t.name: t for t in model.graph.initializer if t.name in names}
-    weights = {n: torch.from_numpy(numpy_helper.to_array(inits[n]).copy()) for n in names}
-    for name, mask in magnitude_masks(weights, ratio, local=True).items():
-        inits[name].CopyFrom(numpy_helper.from_array((weights[name] * mask).numpy(), name))
-    return model, names
 
 
 # ---- text ------------------------------------------------------------------------------------

@@ -145,6 +145,23 @@ def magnitude_masks(weights: Mapping[str, torch.Tensor], ratio: float, *, local:
     return {name: _expand(keep[name], w, block) for name, w in weights.items()}
 
 
+def zero_smallest(model: onnx.ModelProto, ratio: float, *, params_type: str | None = "conv1x1_only",
+                  local: bool = True) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of `model` whose eligible weights (:func:`eligible_weights`) have their `ratio`
+    smallest |w| zeroed, untrained: the structure of a sparse model, for latency estimates."""
+    from onnx import numpy_helper
+
+    from slimseg.model.passes._graph import copy_model
+
+    model = copy_model(model)
+    names = [w.name for w in eligible_weights(model, params_type=params_type)]
+    inits = {t.name: t for t in model.graph.initializer if t.name in names}
+    weights = {n: torch.from_numpy(numpy_helper.to_array(inits[n]).copy()) for n in names}
+    for name, mask in magnitude_masks(weights, ratio, local=local).items():
+        inits[name].CopyFrom(numpy_helper.from_array((weights[name] * mask).numpy(), name))
+    return model, names
+
+
 def threshold_masks(weights: Mapping[str, torch.Tensor], threshold: float, *,
                     block: Sequence[int] = (1, 1), norm: str = "l2") -> dict[str, torch.Tensor]:
     """Masks zeroing every unit whose score (|w|, or block mean/RMS) is below ``threshold``."""
