@@ -260,6 +260,29 @@ def test_op_matches_onnxruntime(case: Case):
             np.testing.assert_array_equal(g, e)
 
 
+
+LINEAR_RESIZES = [c for c in CASES if c.op in ("Resize", "Upsample") and c.attrs.get("mode") == "linear"]
+
+
+@pytest.mark.parametrize("case", LINEAR_RESIZES, ids=[c.id for c in LINEAR_RESIZES])
+def test_linear_resize_training_path_matches(case: Case):
+    """While training, linear resize runs as matrix products (torch's bilinear backward is slow
+    on CPU): same values as onnxruntime, same gradient as the gather-and-blend path."""
+    model = make_model(case)
+    expected = run_ort(model, case.feeds)[0]
+    graph = TorchGraph(model)
+    feeds = [torch.from_numpy(v) for v in case.feeds.values()]
+    x = feeds[0].clone().requires_grad_(True)
+    y = graph(x, *feeds[1:])
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=0, atol=1e-5)
+    weights = torch.from_numpy(rnd(*expected.shape, seed=3))
+    (y * weights).sum().backward()
+    with torch.no_grad():  # the reference gradient: the inference path is linear in x
+        basis = torch.eye(x.numel()).reshape(x.numel(), *x.shape)
+        jac = torch.stack([graph(b, *feeds[1:]).reshape(-1) for b in basis])
+    np.testing.assert_allclose(x.grad.reshape(-1).numpy(), (jac @ weights.reshape(-1)).numpy(), rtol=0, atol=1e-4)
+
+
 def test_constant_node():
     text = """
     <ir_version: 8, opset_import: ["" : 13]>

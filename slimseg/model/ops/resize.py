@@ -11,10 +11,15 @@ Per resized axis, output index ``x`` maps to a source coordinate (float32, as on
 ``floor(in * scale)``. Nearest rounds the coordinate by ``nearest_mode`` and clamps it to
 ``[0, in - 1]``; linear clamps the coordinate to ``[0, in - 1]`` and blends its two
 neighbours. Both are separable, so each axis is one gather (+ one blend for linear).
+While training (gradients wanted), linear runs each axis as a product with its small
+interpolation matrix instead: the same weights, but torch's bilinear backward on CPU is slow
+(55 ms vs 13 ms forward + backward for 8x64x12x12 -> 96x96).
 Upsample and Resize-10 are ``asymmetric`` with onnxruntime's "simple" nearest rounding
 (ceil when down-sampling, floor otherwise).
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -59,6 +64,10 @@ def _parse_resize(node: NodeInfo) -> dict:
 def resize(x, *args, mode, ctm, nearest, policy, axes, scales, slots):
     axes = [a % x.dim() for a in axes] if axes else list(range(x.dim()))
     plan = _plan(x, args, axes, scales, slots, policy)
+    if mode == "linear" and x.requires_grad and torch.is_grad_enabled():
+        for axis, n_in, n_out, scale in plan:
+            x = _matmul_axis(x, axis, _interpolation_matrix(n_in, n_out, float(scale), ctm))
+        return x
     if mode == "linear" and _fast_linear_ok(x, plan, ctm):
         sizes = [out for _, _, out, _ in plan[-2:]]
         return F.interpolate(x, size=sizes, mode="bilinear", align_corners=_FAST_LINEAR[ctm])
@@ -138,8 +147,8 @@ def _round(c: np.ndarray, mode: str, down: bool) -> np.ndarray:
     return idx.astype(np.int64)
 
 
-def _linear_axis(x: torch.Tensor, axis: int, coord: np.ndarray, n_in: int) -> torch.Tensor:
-    """y = X[x1] * |c - x2| + X[x2] * |c - x1| with c clamped to [0, in - 1] (0.5 each if x1 == x2)."""
+def _linear_weights(coord: np.ndarray, n_in: int):
+    """(x1, x2, w1, w2): the two neighbours of each clamped coordinate and their weights."""
     c = np.clip(coord, _F32(0), _F32(n_in - 1))
     x1 = np.minimum(c.astype(np.int64), n_in - 1)
     x2 = np.minimum(x1 + 1, n_in - 1)
@@ -147,7 +156,34 @@ def _linear_axis(x: torch.Tensor, axis: int, coord: np.ndarray, n_in: int) -> to
     w2 = np.abs(c - x2.astype(_F32))
     same = x1 == x2
     w1[same] = w2[same] = _F32(0.5)
-    shape = [len(c) if a == axis % x.dim() else 1 for a in range(x.dim())]
+    return x1, x2, w1, w2
+
+
+@functools.lru_cache(maxsize=64)
+def _interpolation_matrix(n_in: int, n_out: int, scale: float, ctm: str) -> np.ndarray:
+    """``(n_out, n_in)`` matrix ``A`` with ``A @ v`` = linear resize of ``v`` along one axis."""
+    x1, x2, w1, w2 = _linear_weights(_source_coords(n_in, n_out, _F32(scale), ctm), n_in)
+    a = np.zeros((n_out, n_in), _F32)
+    rows = np.arange(n_out)
+    np.add.at(a, (rows, x1), w2)
+    np.add.at(a, (rows, x2), w1)
+    a.setflags(write=False)
+    return a
+
+
+def _matmul_axis(x: torch.Tensor, axis: int, matrix: np.ndarray) -> torch.Tensor:
+    a = torch.from_numpy(matrix.copy()).to(device=x.device, dtype=x.dtype)
+    if axis == x.dim() - 1:
+        return torch.matmul(x, a.t())
+    if axis == x.dim() - 2:
+        return torch.matmul(a, x)
+    return torch.matmul(x.movedim(axis, -1), a.t()).movedim(-1, axis)
+
+
+def _linear_axis(x: torch.Tensor, axis: int, coord: np.ndarray, n_in: int) -> torch.Tensor:
+    """y = X[x1] * |c - x2| + X[x2] * |c - x1| with c clamped to [0, in - 1] (0.5 each if x1 == x2)."""
+    x1, x2, w1, w2 = _linear_weights(coord, n_in)
+    shape = [len(coord) if a == axis % x.dim() else 1 for a in range(x.dim())]
     lo = x.index_select(axis, _to(x1, x))
     hi = x.index_select(axis, _to(x2, x))
     return lo * _to(w2, x).reshape(shape) + hi * _to(w1, x).reshape(shape)
