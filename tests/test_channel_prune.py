@@ -10,58 +10,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from slimseg.compress.prune.channel import analyze, prune_channels, remove_channels
 from slimseg.errors import ConfigError
+from helpers import Builder
 
 HW = 8
-
-
-class Builder:
-    """Tiny NCHW graphs with random weights (weights as initializers, opset 13)."""
-
-    def __init__(self, c_in: int = 3, seed: int = 0):
-        self.rng = np.random.default_rng(seed)
-        self.nodes, self.inits, self.c_in, self.k = [], [], c_in, 0
-
-    def _name(self, base: str) -> str:
-        self.k += 1
-        return f"{base}{self.k}"
-
-    def const(self, arr: np.ndarray, base: str = "c") -> str:
-        name = self._name(base)
-        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs) -> list[str]:
-        name = self._name(op_type.lower())
-        outs = [f"{name}_out{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
-        return outs
-
-    def conv(self, x: str, c_in: int, c_out: int, *, k: int = 1, group: int = 1, weight=None) -> str:
-        w = weight if weight is not None else self.rng.standard_normal((c_out, c_in // group, k, k))
-        b = self.rng.standard_normal(c_out)
-        return self.op("Conv", [x, self.const(w.astype(np.float32), "w"), self.const(b.astype(np.float32), "b")],
-                       group=group, pads=[k // 2] * 4)[0]
-
-    def bn(self, x: str, c: int, gamma=None) -> str:
-        g = gamma if gamma is not None else self.rng.uniform(0.5, 1.5, c)
-        params = [g, self.rng.standard_normal(c), self.rng.standard_normal(c) * 0.1, self.rng.uniform(0.5, 2, c)]
-        return self.op("BatchNormalization", [x, *(self.const(p.astype(np.float32), "bn") for p in params)])[0]
-
-    def cbr(self, x: str, c_in: int, c_out: int, **kw) -> str:
-        return self.op("Relu", [self.bn(self.conv(x, c_in, c_out, **kw), c_out)])[0]
-
-    def model(self, *outputs: str) -> onnx.ModelProto:
-        graph = helper.make_graph(
-            self.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, self.c_in, HW, HW])],
-            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-        model = onnx.shape_inference.infer_shapes(model)
-        onnx.checker.check_model(model)
-        return model
 
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:

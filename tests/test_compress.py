@@ -121,6 +121,8 @@ def test_channel_prune_gives_a_smaller_dense_model(tiny, tmp_path):
     assert report["compressed"]["stats"]["macs"] < 0.9 * report["baseline"]["stats"]["macs"]
     assert report["compressed"]["stats"]["params"] < report["baseline"]["stats"]["params"]
     assert report["channel_prune"]["finetune"]["iterations"] == 2
+    refit = report["channel_prune"]["reconstruction"]["layers"]  # least squares before fine-tuning
+    assert refit and all(x["error_after"] <= x["error_before"] for x in refit)
     out = onnx.load(result.model_path)
     session = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
     y = session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, 32, 32), np.float32)})[0]

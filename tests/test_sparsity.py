@@ -298,3 +298,34 @@ def test_sparsify_end_to_end_on_a_tiny_model(tmp_path):
         w = inits[row["name"]].reshape(row["shape"][0], -1)
         assert (w == 0).mean() == pytest.approx(row["sparsity"])
     assert any("sparsity" in line for line in lines)
+    # refitted once, when GMP's ramp reached the final ratio (iteration 2 of 6), zeros kept
+    assert sum(line.startswith("reconstructed") for line in lines) == 1
+    assert summary["reconstruction"]["layers"] and summary["reconstruction"]["images"] == 8
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_one_shot_sparsity_refits_before_training_unless_told_not_to(tmp_path, refit):
+    from slimseg.compress.prune.stage import sparsify
+    from slimseg.data import build_dataset
+    from slimseg.demo import TinySegNet, make_synthetic_dataset
+    from slimseg.model.importers import load_model
+
+    data = make_synthetic_dataset(tmp_path / "data", train=8, val=2, size=16, seed=1)
+    torch.manual_seed(0)
+    loaded = load_model(TinySegNet(width=8), input_shape=(1, 3, 16, 16))
+    strategy = load_strategy_config({
+        "UnstructurePrune": {"ratio": 0.5, "local_sparsity": True, "reconstruct": refit},
+        "TrainConfig": {"train_iter": 1, "eval_iter": 1, "batch_size": 4, "learning_rate": 1e-9}})
+    lines = []
+    model, summary = sparsify(loaded, strategy.unstructure_prune, strategy=strategy,
+                              train_set=build_dataset(data, "train"), val_set=build_dataset(data, "val"),
+                              progress=False, say=lines.append)
+    refits = [i for i, line in enumerate(lines) if line.startswith("reconstructed")]
+    assert ("reconstruction" in summary) is refit and len(refits) == int(refit)
+    if refit:
+        first_eval = next(i for i, line in enumerate(lines) if "eval at iter" in line)
+        assert refits[0] < first_eval
+        errors = summary["reconstruction"]["layers"]
+        assert all(x["error_after"] <= x["error_before"] for x in errors)
+        assert any(x["error_after"] < x["error_before"] for x in errors)
+    assert summary["sparsity"] == pytest.approx(0.5, abs=0.02)

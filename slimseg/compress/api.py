@@ -21,6 +21,7 @@ import torch
 
 from slimseg import __version__
 from slimseg.compress.quant.placement import PLACEMENTS, placement_style
+from slimseg.data import calibration_batches
 from slimseg.errors import ConfigError, SlimsegError
 
 log = logging.getLogger("slimseg")
@@ -215,11 +216,9 @@ def _quantize(model, teacher, strategy, val, train_set, nodes, *, masked=None, r
         keep_masks_in(sim, masks_from_zeros({n: sim.graph.parameter(n).detach() for n in masked}))
 
     calib_source = train_set if train_set is not None else val
-    calib_set = _deterministic(calib_source, val)
     batch = max(1, post.batch_size)
-    count = len(calib_set) if post.batch_nums is None else min(len(calib_set), batch * post.batch_nums)
-    count = min(count, 256)
-    batches = _batches(calib_set, count, batch)
+    count = len(calib_source) if post.batch_nums is None else min(len(calib_source), batch * post.batch_nums)
+    batches = calibration_batches(calib_source, val, min(count, 256), batch)
     report = calibrate(sim, batches, algo=post.algo.value, hist_percent=post.hist_percent)
     say(f"calibrated {report.calibration_images} images with {report.algo} ranges "
         f"in {report.calibration_seconds:.1f} s")
@@ -352,6 +351,9 @@ def measure_latency(original, compressed, input_shape, *, rounds: int = 200) -> 
     return out
 
 
+RECONSTRUCT_IMAGES = 64  # training images (val transforms) the least-squares refits are fitted on
+
+
 def _channel_prune(original, strategy, val, train_set, nodes, *, progress: bool, say, session=None):
     """Remove channels (ChannelPrune), then recover accuracy by distillation from the original."""
     from slimseg.compress.finetune import distill_finetune
@@ -367,6 +369,12 @@ def _channel_prune(original, strategy, val, train_set, nodes, *, progress: bool,
     from slimseg.model.passes import fold_batchnorm
 
     pruned = fold_batchnorm.run(pruned).model  # fewer ops to train; bn_scale has already ranked
+    if cfg.reconstruct and train_set is not None:
+        from slimseg.compress.prune.reconstruct import reconstruct_model
+
+        pruned, rec = reconstruct_model(pruned, original, calibration_batches(train_set, val, RECONSTRUCT_IMAGES, 8),
+                                        removed=report.removed, log=say)
+        summary["reconstruction"] = rec.to_dict()
     tuned, summary["finetune"] = distill_finetune(pruned, original, strategy=strategy, train_set=train_set,
                                                   val_set=val, nodes=nodes, progress=progress, say=say,
                                                   session=session)
@@ -505,18 +513,6 @@ def _reader_config(strategy):
     if strategy.global_ is None or strategy.global_.reader_config is None:
         raise SlimsegError("no dataset given: pass --dataset_config or set Global.reader_config in the strategy")
     return strategy.global_.reader_config
-
-
-def _deterministic(dataset, val):
-    """The same images through the val transforms (calibration wants no augmentation)."""
-    from slimseg.data import SegDataset
-
-    return SegDataset(dataset.spec, mode=dataset.mode, transforms=val.transforms)
-
-
-def _batches(dataset, count: int, batch: int) -> list[torch.Tensor]:
-    images = [torch.from_numpy(dataset[i].image) for i in range(count)]
-    return [torch.stack(images[i:i + batch]) for i in range(0, count, batch)]
 
 
 def _not_quant_nodes(model, patterns) -> list[str]:

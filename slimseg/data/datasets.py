@@ -284,6 +284,14 @@ def _same_shapes(arrays, paths, what: str) -> None:
                             f"vs {path} {arr.shape}; use batch_size 1 or a Resize transform")
 
 
+def calibration_batches(dataset: "SegDataset", val: "SegDataset", count: int, batch: int) -> list[torch.Tensor]:
+    """The first ``count`` images of ``dataset`` through ``val``'s transforms (calibration and
+    reconstruction want the deployed preprocessing, not augmentation), in stacks of ``batch``."""
+    plain = SegDataset(dataset.spec, mode=dataset.mode, transforms=val.transforms)
+    images = [torch.from_numpy(plain[i].image) for i in range(min(count, len(plain)))]
+    return [torch.stack(images[i:i + batch]) for i in range(0, len(images), batch)]
+
+
 def build_dataset(cfg_or_path, split: str = "val", *, transforms=None, seed: int = 0) -> SegDataset:
     """The ``split`` ('train', 'val' or 'test') of a dataset config or YAML path.
 

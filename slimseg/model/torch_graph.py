@@ -120,6 +120,11 @@ class TorchGraph(nn.Module):
 
     # ---- public API ---------------------------------------------------------------
     @property
+    def onnx_graph(self) -> onnx.GraphProto:
+        """The graph this module runs (read it, do not edit it: the steps are built from it)."""
+        return self._model.graph
+
+    @property
     def onnx_parameter_names(self) -> dict[str, str]:
         """ONNX initializer name -> key in ``self.named_parameters()``."""
         out = {}

