@@ -51,7 +51,7 @@ def test_sparse_weights_move_toward_the_teacher_and_zeros_stay():
     held_out = images(16, seed=99)
     before = relative_error(student, teacher, held_out)
 
-    report = reconstruct_layers(student, model, [images(16, seed=s) for s in range(4)])
+    report = reconstruct_layers(student, model, [images(16, seed=s) for s in range(4)], grouped=True)
 
     after = relative_error(student, teacher, held_out)
     assert after < 0.6 * before, (before, after)
@@ -86,7 +86,8 @@ def test_channel_pruned_student_matches_the_kept_teacher_channels():
     assert relative_error(student, teacher, held_out) < 0.7 * before
     assert {n: tuple(student.parameter(n).shape) for n in student.onnx_parameter_names} == shapes
     assert out not in report.removed  # the output keeps its channels: the comparison above is fair
-    assert len(result.layers) == 4
+    assert len(result.layers) == 3  # the depthwise conv is left alone by default
+    assert list(result.skipped.values()) == ["grouped or depthwise conv (grouped=False)"]
 
 
 def test_tensors_the_teacher_lacks_are_skipped_with_a_reason():
@@ -95,7 +96,7 @@ def test_tensors_the_teacher_lacks_are_skipped_with_a_reason():
     other.k = 100  # other tensor names
     unrelated = other.model(other.conv("x", 3, 4))
     student = TorchGraph(model)
-    result = reconstruct_layers(student, unrelated, [images(4, seed=0)])
+    result = reconstruct_layers(student, unrelated, [images(4, seed=0)], grouped=True)
     assert not result.layers
     assert set(result.skipped.values()) == {"the teacher has no tensor of that name"}
 

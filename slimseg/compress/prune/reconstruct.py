@@ -17,8 +17,9 @@ the data does not constrain stay where they were. Measured on PP-HumanSeg-Lite 1
 images, no training): 75 % of the 1x1 weights zeroed by magnitude scored 0.36 val mIoU, 0.70
 after reconstruction; 30 % of the channels removed by L1 norm 0.37, 0.75 after.
 
-Every 2-D conv whose output tensor exists in the teacher is refitted; grouped and depthwise
-convs per group (a depthwise 3x3 is one 10-unknown problem per channel).
+Every group-1 2-D conv whose output tensor exists in the teacher is refitted; with
+``grouped=True`` grouped and depthwise convs too, per group (a depthwise 3x3 is one
+10-unknown problem per channel).
 """
 from __future__ import annotations
 
@@ -56,14 +57,16 @@ def _attr(node: onnx.NodeProto, name: str, default):
 @torch.no_grad()
 def reconstruct_layers(student: TorchGraph, teacher: TorchGraph | onnx.ModelProto,
                        batches: Sequence[torch.Tensor], *, removed: Mapping[str, Sequence[int]] | None = None,
-                       keep_zeros: bool = True, damping: float = 0.01,
+                       keep_zeros: bool = True, damping: float = 0.01, grouped: bool = False,
                        log: Callable[[str], None] | None = None) -> ReconstructionReport:
     """Refit ``student``'s group-1 conv weights and biases in place (see the module docstring).
 
     ``teacher``: the original model (BN folded or not: only tensor names matter); ``removed``:
     tensor -> channels channel pruning removed from it (original numbering), to match the
     teacher's outputs to the student's channels; ``keep_zeros``: zero weights stay zero (a
-    sparsity mask survives). Returns what was refitted and how much the output error fell.
+    sparsity mask survives); ``grouped``: refit grouped/depthwise convs too (off: on 30%
+    channel-pruned PP-HumanSeg-Lite it scored 0.717 vs 0.723 untrained, 0.794 vs 0.803 after
+    600 fine-tuning iterations). Returns what was refitted and how much the output error fell.
     """
     if not batches:
         raise ValueError("reconstruction needs at least one calibration batch")
@@ -76,7 +79,7 @@ def reconstruct_layers(student: TorchGraph, teacher: TorchGraph | onnx.ModelProt
     report = ReconstructionReport(images=sum(int(b.shape[0]) for b in batches))
     tic = time.perf_counter()
     for node in student.onnx_graph.node:
-        reason = _unsupported(node, student, teacher_tensors)
+        reason = _unsupported(node, student, teacher_tensors, grouped)
         if reason:
             if node.op_type == "Conv":
                 report.skipped[node.output[0]] = reason
@@ -104,9 +107,12 @@ def reconstruct_model(student: onnx.ModelProto, teacher: onnx.ModelProto, batche
     return graph.to_onnx(), report
 
 
-def _unsupported(node: onnx.NodeProto, student: TorchGraph, teacher_tensors: set[str]) -> str | None:
+def _unsupported(node: onnx.NodeProto, student: TorchGraph, teacher_tensors: set[str],
+                 grouped: bool) -> str | None:
     if node.op_type != "Conv":
         return "not a conv"
+    if not grouped and _attr(node, "group", 1) != 1:
+        return "grouped or depthwise conv (grouped=False)"
     if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         return "auto_pad"
     if node.output[0] not in teacher_tensors:
