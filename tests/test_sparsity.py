@@ -298,9 +298,8 @@ def test_sparsify_end_to_end_on_a_tiny_model(tmp_path):
         w = inits[row["name"]].reshape(row["shape"][0], -1)
         assert (w == 0).mean() == pytest.approx(row["sparsity"])
     assert any("sparsity" in line for line in lines)
-    # refitted once, when GMP's ramp reached the final ratio (iteration 2 of 6), zeros kept
-    assert sum(line.startswith("reconstructed") for line in lines) == 1
-    assert summary["reconstruction"]["layers"] and summary["reconstruction"]["images"] == 8
+    # GMP's weights adapt to the growing masks: no least-squares refit there
+    assert not any(line.startswith("reconstructed") for line in lines) and "reconstruction" not in summary
 
 
 @pytest.mark.parametrize("refit", [True, False])

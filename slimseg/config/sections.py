@@ -131,8 +131,8 @@ class UnstructurePrune:
     prune_params_type: Literal["conv1x1_only"] | None = "conv1x1_only"
     local_sparsity: bool = False
     block: tuple[int, int] = field(default=(1, 1), metadata={"parse": _parse_block})
-    # slimseg's own key: once the masks reach the final ratio, refit the surviving weights by
-    # least squares to the original's layer outputs (slimseg.compress.prune.reconstruct)
+    # slimseg's own key: with one-shot masks (no GMP), refit the surviving weights by least
+    # squares to the original's layer outputs before training (slimseg.compress.prune.reconstruct)
     reconstruct: bool = True
 
     def __post_init__(self):
