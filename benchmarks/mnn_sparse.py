@@ -1,7 +1,7 @@
 """Does sparsity pay off in MNN? Dense vs 80%-sparse 1x1 convs, 1x1 and 1x4 blocks, 1 thread.
 
     python benchmarks/mnn_sparse.py [--model_dir ../shared/assets/models/pp_humanseg_lite_192]
-        [--ratio 0.8] [--rounds 200] [--threads 1]
+        [--ratio 0.8] [--rounds 200] [--threads 1] [--trained out/block/model.onnx]
 
 The model's BN is folded, then every 1x1 conv weight (group 1) is magnitude-pruned with numpy,
 per layer, to `ratio` zeros: unstructured (smallest |w|), and in 1x4 blocks (4 consecutive
@@ -10,6 +10,9 @@ No training: this measures speed only. Each variant is exported to MNN with spar
 (1x4 with a SIMD_OC compression-params file); the dense model is exported without it and also
 timed in onnxruntime for reference. All sessions run interleaved, one run each per round,
 in an order that rotates every round.
+``--trained``: a trained 1x4-block-sparse model from ``slimseg compress`` (which applies the
+exact graph rewrites); it runs next to the dense model with the same rewrites, so that the
+speedup is the zeros' alone.
 Needs `pip install 'slimseg[mnn]'`.
 """
 from __future__ import annotations
@@ -100,6 +103,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trained", type=Path, help="a trained block-sparse ONNX from slimseg compress")
     args = parser.parse_args()
 
     from slimseg.hardware.bench import machine_info, random_inputs
@@ -116,6 +120,12 @@ def main() -> None:
         "sparse 1x1": (pruned(dense, names, prune_unstructured, args.ratio), {"block": (1, 1)}),
         "sparse 1x4": (pruned(dense, names, prune_blocks, args.ratio), {"block": (1, 4)}),
     }
+    if args.trained is not None:
+        from slimseg.model.optimize import optimize
+
+        trained = onnx.load(args.trained)
+        variants["dense, rewritten"] = (optimize(dense)[0], {"sparse": False})
+        variants["trained 1x4, rewritten"] = (trained, {"block": (1, 4)})
     shape = tuple(d if d else 1 for d in (loaded.input_shape or (1, 3, 192, 192)))
     feed = random_inputs(dense, shape, seed=0)
     sessions, info = {"onnxruntime dense": get_runtime("onnxruntime", dense, threads=args.threads)}, {}
@@ -125,7 +135,8 @@ def main() -> None:
             sessions[f"mnn {key}"] = MnnRuntime(path, threads=args.threads)
             reference = get_runtime("onnxruntime", model, threads=args.threads).run(feed)[0]
             diff = float(np.abs(sessions[f"mnn {key}"].run(feed)[0] - reference).max())
-            info[f"mnn {key}"] = {"1x1 sparsity": sparsity(model, names), "sparse convs": len(sparse_layers(path)),
+            info[f"mnn {key}"] = {"1x1 sparsity": sparsity(model, conv1x1_weights(model)),
+                                  "sparse convs": len(sparse_layers(path)),
                                   "max |mnn - ort|": diff, "file KiB": path.stat().st_size / 1024}
         times = timed(sessions, feed, args.rounds, args.warmup)
 
