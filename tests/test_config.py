@@ -582,7 +582,7 @@ def test_example_values():
     assert (ptq.algo, ptq.batch_size, ptq.batch_nums, ptq.bias_correct) == (PTQAlgo.MINMAX, 8, 8, False)
     sparse = load("pp_humanseg_sparse")
     assert isinstance(sparse.unstructure_prune, UnstructurePrune)
-    assert sparse.unstructure_prune.gmp_config.pruning_iterations == 450
+    assert sparse.unstructure_prune.gmp_config.pruning_iterations == 300
     assert sparse.train_config.train_iter == 1000
     auto = load("pp_humanseg_auto")
     assert auto.global_.deploy_hardware and auto.quant_aware is None and auto.train_config
