@@ -545,7 +545,8 @@ def test_adamw_default_decay_is_paddles():
 
 
 # ----------------------------------------------------------------------------- examples
-EXAMPLES = ["pp_humanseg_qat", "pp_humanseg_ptq", "pp_humanseg_sparse", "pp_humanseg_auto"]
+EXAMPLES = ["pp_humanseg_qat", "pp_humanseg_ptq", "pp_humanseg_sparse", "pp_humanseg_auto", "pp_humanseg_prune",
+            "pp_humanseg_prune_decoder", "pp_humanseg_block_sparse"]
 PORTRAIT_EXAMPLES = ["pp_humanseg_portrait_qat", "pp_humanseg_portrait_ptq"]
 
 
@@ -580,6 +581,10 @@ def test_example_values():
     assert qat.train_config.learning_rate == pytest.approx(5e-5)
     ptq = load("pp_humanseg_ptq").quant_post
     assert (ptq.algo, ptq.batch_size, ptq.batch_nums, ptq.bias_correct) == (PTQAlgo.MINMAX, 8, 8, False)
+    decoder = load("pp_humanseg_prune_decoder").channel_prune
+    assert decoder.prune_params_name == ["conv2d_1.w_0", "conv2d_63.w_0", "conv2d_65.w_0"] and decoder.reconstruct
+    decoder = load("pp_humanseg_prune_decoder").channel_prune
+    assert decoder.prune_params_name == ["conv2d_1.w_0", "conv2d_63.w_0", "conv2d_65.w_0"] and decoder.reconstruct
     sparse = load("pp_humanseg_sparse")
     assert isinstance(sparse.unstructure_prune, UnstructurePrune)
     assert sparse.unstructure_prune.gmp_config.pruning_iterations == 300
