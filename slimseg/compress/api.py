@@ -351,9 +351,6 @@ def measure_latency(original, compressed, input_shape, *, rounds: int = 200) -> 
     return out
 
 
-RECONSTRUCT_IMAGES = 64  # training images (val transforms) the least-squares refits are fitted on
-
-
 def _channel_prune(original, strategy, val, train_set, nodes, *, progress: bool, say, session=None):
     """Remove channels (ChannelPrune), then recover accuracy by distillation from the original."""
     from slimseg.compress.finetune import distill_finetune
@@ -370,10 +367,10 @@ def _channel_prune(original, strategy, val, train_set, nodes, *, progress: bool,
 
     pruned = fold_batchnorm.run(pruned).model  # fewer ops to train; bn_scale has already ranked
     if cfg.reconstruct and train_set is not None:
-        from slimseg.compress.prune.reconstruct import reconstruct_model
+        from slimseg.compress.prune.reconstruct import RECONSTRUCT_BATCH, RECONSTRUCT_IMAGES, reconstruct_model
 
-        pruned, rec = reconstruct_model(pruned, original, calibration_batches(train_set, val, RECONSTRUCT_IMAGES, 8),
-                                        removed=report.removed, log=say)
+        batches = calibration_batches(train_set, val, RECONSTRUCT_IMAGES, RECONSTRUCT_BATCH)
+        pruned, rec = reconstruct_model(pruned, original, batches, removed=report.removed, log=say)
         summary["reconstruction"] = rec.to_dict()
     tuned, summary["finetune"] = distill_finetune(pruned, original, strategy=strategy, train_set=train_set,
                                                   val_set=val, nodes=nodes, progress=progress, say=say,

@@ -45,6 +45,7 @@ from onnx import helper, numpy_helper
 from slimseg.errors import ConfigError, SlimsegError, did_you_mean
 from slimseg.model.passes import infer_shapes
 from slimseg.model.passes._graph import copy_model
+from slimseg.model.passes._rewrite import attr
 from slimseg.model.stats import InputShape, model_stats
 
 Criterion = Literal["l1_norm", "bn_scale", "geometry_median"]
@@ -268,13 +269,8 @@ def channel_rule(*op_types: str, rewrite: Rewrite | None = None):
     return register
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    a = next((a for a in node.attribute if a.name == name), None)
-    return helper.get_attribute_value(a) if a is not None else default
-
-
 def _axis(node, rank: int | None, default: int = 0) -> int | None:
-    a = _attr(node, "axis", default)
+    a = attr(node, "axis", default)
     return None if rank is None else a % rank
 
 
@@ -347,7 +343,7 @@ def _elementwise(node, g: ChannelGraph) -> None:
 
 def _conv_kind(node, g: ChannelGraph) -> str | None:
     """'dense' (group 1), 'depthwise' (group = Cin, Cout = m*Cin) or None (other groups)."""
-    group, cin, cout = _attr(node, "group", 1), g.channels.get(node.input[0]), g.channels.get(node.output[0])
+    group, cin, cout = attr(node, "group", 1), g.channels.get(node.input[0]), g.channels.get(node.output[0])
     if group == 1:
         return "dense"
     if cin is not None and cout is not None and group == cin and cout % cin == 0 and node.op_type == "Conv":
@@ -377,7 +373,7 @@ def _conv(node, g: ChannelGraph) -> None:
         return g.pin_node(node, "has a weight that is not an initializer")
     kind = _conv_kind(node, g)
     if kind is None:
-        return g.pin_node(node, f"is a grouped conv (group={_attr(node, 'group', 1)}) that is not depthwise")
+        return g.pin_node(node, f"is a grouped conv (group={attr(node, 'group', 1)}) that is not depthwise")
     if kind == "depthwise":
         m = g.channels[y] // g.channels[x]
         g.tie(x, y, [(c, c * m + j) for c in range(g.channels[x]) for j in range(m)], node=node)
@@ -514,7 +510,7 @@ def _reshape(node, g: ChannelGraph) -> None:
 
 @channel_rule("Transpose")
 def _transpose(node, g: ChannelGraph) -> None:
-    perm = _attr(node, "perm")
+    perm = attr(node, "perm")
     if perm is None or list(perm[:2]) != [0, 1]:
         return g.pin_node(node, f"moves the channel axis (perm {perm})")
     g.tie(node.input[0], node.output[0], node=node)
@@ -522,7 +518,7 @@ def _transpose(node, g: ChannelGraph) -> None:
 
 @channel_rule("Pad")
 def _pad(node, g: ChannelGraph) -> None:
-    pads = g.const(node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "pads")
+    pads = g.const(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "pads")
     rank = g.ranks.get(node.input[0])
     if pads is None or rank is None or len(node.input) > 3 and node.input[3] or pads[1] or pads[rank + 1]:
         return g.pin_node(node, "pads the channel axis (or its pads are not constant)")
@@ -538,11 +534,11 @@ def _softmax(node, g: ChannelGraph) -> None:
 
 @channel_rule("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1")
 def _reduce(node, g: ChannelGraph) -> None:
-    axes = _attr(node, "axes")
+    axes = attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         axes = g.const(node.input[1])
     rank = g.ranks.get(node.input[0])
-    if axes is None or rank is None or 1 in {int(a) % rank for a in axes} or not _attr(node, "keepdims", 1):
+    if axes is None or rank is None or 1 in {int(a) % rank for a in axes} or not attr(node, "keepdims", 1):
         return g.pin_node(node, "reduces over the channels or drops axes")
     g.tie(node.input[0], node.output[0], node=node)
 
@@ -602,7 +598,7 @@ def _find_shuffles(g: ChannelGraph) -> dict[int, _Shuffle]:
             ok = ok and len(users) == 1 and users[0].op_type == op and chain[-1].output[0] not in outputs
             if ok:
                 chain.append(users[0])
-        if ok and list(_attr(chain[1], "perm", [])) == [0, 2, 1, 3, 4] and g.channels.get(chain[2].output[0]) == cin \
+        if ok and list(attr(chain[1], "perm", [])) == [0, 2, 1, 3, 4] and g.channels.get(chain[2].output[0]) == cin \
                 and g.ranks.get(chain[2].output[0]) == 4:
             found[id(r1)] = _Shuffle(chain, int(t1[1]), int(t1[2]))
     return found

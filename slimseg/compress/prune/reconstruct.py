@@ -31,7 +31,12 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from slimseg.model.passes._rewrite import attr
 from slimseg.model.torch_graph import TorchGraph
+
+
+RECONSTRUCT_IMAGES = 64  # training images (val transforms) the refits are fitted on, by the stages
+RECONSTRUCT_BATCH = 8
 
 
 @dataclass
@@ -45,13 +50,6 @@ class ReconstructionReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 @torch.no_grad()
@@ -111,9 +109,9 @@ def _unsupported(node: onnx.NodeProto, student: TorchGraph, teacher_tensors: set
                  grouped: bool) -> str | None:
     if node.op_type != "Conv":
         return "not a conv"
-    if not grouped and _attr(node, "group", 1) != 1:
+    if not grouped and attr(node, "group", 1) != 1:
         return "grouped or depthwise conv (grouped=False)"
-    if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    if attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         return "auto_pad"
     if node.output[0] not in teacher_tensors:
         return "the teacher has no tensor of that name"
@@ -128,9 +126,9 @@ def _unsupported(node: onnx.NodeProto, student: TorchGraph, teacher_tensors: set
 def _unfold(x: torch.Tensor, node: onnx.NodeProto, kernel: tuple[int, int], groups: int) -> torch.Tensor:
     """The conv's input as ``(groups, C_in / groups * kh * kw, N * L)``: per group, one column
     per output position."""
-    strides = list(_attr(node, "strides", [1, 1]))
-    dilations = list(_attr(node, "dilations", [1, 1]))
-    pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+    strides = list(attr(node, "strides", [1, 1]))
+    dilations = list(attr(node, "dilations", [1, 1]))
+    pads = list(attr(node, "pads", [0, 0, 0, 0]))
     if kernel == (1, 1) and strides == [1, 1] and not any(pads):
         cols = x.transpose(0, 1).reshape(x.shape[1], -1)
     else:
@@ -145,7 +143,7 @@ def _refit(node, student: TorchGraph, teacher: TorchGraph, batches, gone: set[in
     weight = student.parameter(node.input[1])
     bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
     bias = student.parameter(bias_name) if bias_name in student.onnx_parameter_names else None
-    kernel, groups = tuple(weight.shape[2:]), int(_attr(node, "group", 1))
+    kernel, groups = tuple(weight.shape[2:]), int(attr(node, "group", 1))
     out = node.output[0]
     gram = cross = None  # (groups, d, d), (groups, C_out / groups, d), d = inputs per group (+1)
     target_energy = 0.0

@@ -197,11 +197,10 @@ def _refit(student, sparsifier, teacher, train_set, val_set, say):
     already adapted to the growing masks, and refitting each layer to the original's outputs
     undid that (75% of PP-HumanSeg-Lite's 1x1 weights: 0.7768 val mIoU at the end of the ramp,
     0.7509 100 iterations after a refit)."""
-    from slimseg.compress.api import RECONSTRUCT_IMAGES
-    from slimseg.compress.prune.reconstruct import reconstruct_layers
+    from slimseg.compress.prune.reconstruct import RECONSTRUCT_BATCH, RECONSTRUCT_IMAGES, reconstruct_layers
     from slimseg.data import calibration_batches
 
-    batches = calibration_batches(train_set, val_set, RECONSTRUCT_IMAGES, 8)
+    batches = calibration_batches(train_set, val_set, RECONSTRUCT_IMAGES, RECONSTRUCT_BATCH)
     report = reconstruct_layers(student, teacher, batches, keep_zeros=True, log=say)
     sparsifier.apply()
     return report

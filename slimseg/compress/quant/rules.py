@@ -26,18 +26,13 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import numpy as np
 import onnx
 
+from slimseg.model.passes._rewrite import attr
+
 if TYPE_CHECKING:
     from slimseg.compress.quant.placement import Marks
 
 COMPUTE, SHARE = "compute", "share"
 SOFTMAX_RANGE = (0.0, 1.0)  # onnxruntime fixes a Softmax output to [0, 1] (uint8 scale 1/255, zp 0)
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 class Rule(Protocol):
@@ -144,7 +139,7 @@ class PadRule(SharedScaleRule):
     """Pad shares its input's scale unless it pads with a nonzero constant (not exactly representable)."""
 
     def why_not(self, node: onnx.NodeProto, marks: "Marks") -> str | None:
-        if _attr(node, "mode", b"constant") not in (b"constant", "constant"):
+        if attr(node, "mode", b"constant") not in (b"constant", "constant"):
             return None
         value = node.input[2] if len(node.input) > 2 else ""
         if not value:
@@ -186,7 +181,7 @@ def _conv_transpose_axis(node, rank):
 
 
 def _gemm_axis(node, rank):
-    return 0 if _attr(node, "transB", 0) else 1
+    return 0 if attr(node, "transB", 0) else 1
 
 
 def _matmul_axis(node, rank):
@@ -194,7 +189,7 @@ def _matmul_axis(node, rank):
 
 
 def _gemm_bias_ok(node):
-    return _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0
+    return attr(node, "alpha", 1.0) == 1.0 and attr(node, "beta", 1.0) == 1.0
 
 
 _SHARED = SharedScaleRule()
