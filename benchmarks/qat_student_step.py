@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "pp_humanseg_qat.yaml"
@@ -38,14 +37,10 @@ def qat_student():
         captured.update(sim=sim, nodes=nodes)
         raise _Captured
 
-    cfg = yaml.safe_load(CONFIG.read_text())
-    for key in ("reader_config", "model_dir"):
-        cfg["Global"][key] = str((CONFIG.parent / cfg["Global"][key]).resolve())
     original, api._qat = api._qat, capture
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "qat.yaml").write_text(yaml.safe_dump(cfg))
-            api.compress(None, str(Path(tmp) / "qat.yaml"), save_dir=Path(tmp) / "out", progress=False)
+            api.compress(None, str(CONFIG), save_dir=Path(tmp) / "out", progress=False)
     except _Captured:
         pass
     finally:
