@@ -30,6 +30,23 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="fix the input shape, e.g. 1,3,192,192 (overrides deploy.yaml)")
 
 
+def _add_runtime_args(parser: argparse.ArgumentParser, *, default_help: str) -> None:
+    parser.add_argument("--runtime", default="onnxruntime",
+                        help=f"onnxruntime (default), openvino or mnn; {default_help}")
+    parser.add_argument("--precision", choices=("f32", "bf16", "f16"), default=None,
+                        help="OpenVINO's inference precision (default f32: on CPUs with AMX OpenVINO "
+                             "otherwise runs an FP32 model in bf16); the one it used is reported")
+
+
+def _runtime_options(args) -> dict[str, Any]:
+    """Keyword arguments for the runtime: --precision is OpenVINO's and an error elsewhere."""
+    if args.precision is None:
+        return {}
+    if args.runtime != "openvino":
+        raise SlimsegError(f"--precision applies to --runtime openvino only, not {args.runtime}")
+    return {"precision": args.precision}
+
+
 def _add_output_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", choices=("table", "json"), default="table",
                         help="print a readable table (default) or JSON")
@@ -88,6 +105,10 @@ def _add_compress(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-rewrite", dest="rewrite", action="store_false",
                    help="keep the graph as it is (no channel-shuffle folding, 2-class softmax as sigmoid, "
                         "channel alignment); they speed up onnxruntime, not OpenVINO")
+    p.add_argument("--placement", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                   help="where Q/DQ nodes go: onnxruntime's QDQ style (default: also quantizes glue ops such as "
+                        "residual Adds, Resize and pooling) or OpenVINO's (inputs of Conv/MatMul and joins "
+                        "only: faster in OpenVINO, slower in onnxruntime)")
     auto = p.add_argument_group("automatic search (when the strategy has no compression section)")
     auto.add_argument("--deploy_hardware", default=None,
                       help="target whose latency the search minimizes (seed flag; default Global.deploy_hardware, "
@@ -126,7 +147,7 @@ def _cmd_compress(args) -> int:
     try:
         result = compress(model, args.strategy_config, data=args.dataset_config, save_dir=args.save_dir,
                           overwrite=args.overwrite, progress=not args.quiet, input_shape=args.input_shape,
-                          rewrite=args.rewrite, resume=args.resume, device=args.device,
+                          rewrite=args.rewrite, resume=args.resume, device=args.device, placement=args.placement,
                           log_fn=_silent if args.quiet else None, deploy_hardware=args.deploy_hardware,
                           max_metric_drop=args.max_metric_drop, target_speedup=args.target_speedup,
                           time_budget=parse_duration(args.time_budget))
@@ -147,14 +168,16 @@ def _silent(line: str) -> None:
 # --- eval ---------------------------------------------------------------------------------
 
 def _add_eval(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("eval", help="measure mIoU of a model on a dataset (onnxruntime)",
+    p = sub.add_parser("eval", help="measure mIoU of a model on a dataset (onnxruntime or OpenVINO)",
                        description="Evaluate a model on a PaddleSeg dataset YAML: mIoU, per-class IoU, "
-                                   "pixel accuracy, Kappa, Dice, measured in onnxruntime.")
+                                   "pixel accuracy, Kappa, Dice, measured in a runtime (onnxruntime by "
+                                   "default).")
     _add_model_args(p)
     p.add_argument("--dataset_config", required=True, help="PaddleSeg dataset YAML (val_dataset is used)")
     p.add_argument("--split", default="val", choices=("val", "train", "test"), help="which split (default val)")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    _add_runtime_args(p, default_help="the accuracy is the runtime's own")
     _add_output_arg(p)
     p.set_defaults(func=_cmd_eval)
     return p
@@ -165,7 +188,7 @@ def _cmd_eval(args) -> int:
     from slimseg.report.text import format_eval
 
     result = evaluate(_load(args), args.dataset_config, split=args.split, threads=args.threads,
-                      limit=args.limit, progress=not args.quiet)
+                      limit=args.limit, progress=not args.quiet, runtime=args.runtime, **_runtime_options(args))
     _print(result.to_dict(), args.output, format_eval(result))
     return 0
 
@@ -174,14 +197,13 @@ def _cmd_eval(args) -> int:
 
 def _add_bench(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure latency, size, parameters and MACs of a model",
-                       description="Latency of a model in onnxruntime (median, p90, min of many runs "
-                                   "after warm-up), with size, parameter count and MACs.")
+                       description="Latency of a model in a runtime (onnxruntime by default; median, "
+                                   "p90, min of many runs after warm-up), with size, parameter count and MACs.")
     _add_model_args(p)
     p.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     p.add_argument("--runs", type=int, default=100, help="timed runs (default 100)")
-    p.add_argument("--runtime", default="onnxruntime",
-                   help="onnxruntime (default), openvino or mnn (sparse 1x1 convs run sparse there)")
+    _add_runtime_args(p, default_help="sparse 1x1 convs run sparse in mnn")
     p.add_argument("--profile", action="store_true",
                    help="also show time per op type from onnxruntime's profiler (its own runs)")
     _add_output_arg(p)
@@ -195,7 +217,8 @@ def _cmd_bench(args) -> int:
 
     loaded = _load(args)
     result = benchmark(loaded.onnx, threads=args.threads, warmup=args.warmup, runs=args.runs,
-                       input_shape=loaded.input_shape, runtime=args.runtime, progress=not args.quiet)
+                       input_shape=loaded.input_shape, runtime=args.runtime, progress=not args.quiet,
+                       **_runtime_options(args))
     data = {"model": loaded.source, **result.to_dict()}
     table = format_bench(loaded.source, result)
     if args.profile:

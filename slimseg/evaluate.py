@@ -29,12 +29,14 @@ class EvalResult:
     dataset: str
     runtime: str
     extra: dict[str, Any] = field(default_factory=dict)
+    precision: str | None = None  # the inference precision the runtime chose (OpenVINO), if it says
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "dataset": self.dataset,
             "runtime": self.runtime,
+            **({"precision": self.precision} if self.precision else {}),
             "num_images": self.num_images,
             "seconds": round(self.seconds, 3),
             **self.metrics.to_dict(),
@@ -95,9 +97,11 @@ def evaluate(
     input_shape=None,
     limit: int | None = None,
     progress: bool = True,
+    **runtime_options,
 ) -> EvalResult:
     """Score `model` (anything `load_model` accepts) on `data` (dataset YAML path,
-    DatasetConfig or a dataset object such as SegDataset) through `runtime`."""
+    DatasetConfig or a dataset object such as SegDataset) through `runtime`; `runtime_options`
+    go to the runtime (e.g. ``precision='bf16'`` for OpenVINO)."""
     from slimseg.data import build_dataset
     from slimseg.hardware.runtime import get_runtime
     from slimseg.model.importers import load_model
@@ -106,7 +110,7 @@ def evaluate(
     # a dataset object (SegDataset or anything with .spec, len() and [i] -> Sample) is used as is
     dataset = data if hasattr(data, "spec") and hasattr(data, "__getitem__") else build_dataset(data, split)
     num_classes = dataset.spec.num_classes
-    session = get_runtime(runtime, loaded.onnx, threads=threads or _default_threads())
+    session = get_runtime(runtime, loaded.onnx, threads=threads or _default_threads(), **runtime_options)
     matrix = ConfusionMatrix(num_classes, ignore_index=dataset.spec.ignore_index)
 
     count = len(dataset) if limit is None else min(limit, len(dataset))
@@ -132,6 +136,7 @@ def evaluate(
         model=loaded.source,
         dataset=str(dataset.spec.source),
         runtime=runtime,
+        precision=getattr(session, "precision", None),
     )
 
 

@@ -74,6 +74,18 @@ def test_cli_compress_and_seed_flags(tiny, tmp_path, capsys):
     assert code != 0 and "--overwrite" in capsys.readouterr().err
 
 
+def test_cli_placement_flag_reaches_the_quantizer(tiny, tmp_path, capsys):
+    model, data = tiny
+    config = tmp_path / "ptq.yaml"
+    config.write_text("QuantPost:\n  algo: minmax\n  batch_size: 4\n  batch_nums: 1\n")
+    code = main(["compress", "--model", str(model), "--strategy_config", str(config), "--dataset_config",
+                 str(data), "--save_dir", str(tmp_path / "ov"), "--placement", "openvino", "--output", "json",
+                 "--quiet"])
+    assert code == 0
+    floats = json.loads(capsys.readouterr().out)["quantization"]["float_nodes"]
+    assert any("openvino placement" in why for why in floats.values())
+
+
 @pytest.mark.parametrize("strategy, match", [
     ({"UnstructurePrune": {"ratio": 0.5}, "ASPPrune": {}}, "choose one sparsity pattern"),
     ({"TransformerPrune": {"pruned_ratio": 0.25}}, "TransformerPrune is not supported"),

@@ -1,12 +1,15 @@
 """The optional OpenVINO runtime: same outputs as onnxruntime, a clear error when missing."""
 import builtins
+import json
 
 import numpy as np
+import onnx
 import pytest
 
+from slimseg.cli import main
 from slimseg.errors import MissingDependencyError
 from slimseg.hardware.runtime import get_runtime
-from helpers import channel_vote_model
+from helpers import channel_vote_model, write_vote_dataset
 
 
 def test_missing_openvino_says_how_to_install(monkeypatch):
@@ -29,3 +32,33 @@ def test_openvino_matches_onnxruntime():
     expected = get_runtime("onnxruntime", model).run(x)[0]
     got = get_runtime("openvino", model, threads=1).run(x)[0]
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("asked", ["f32", "bf16"])
+def test_openvino_says_which_precision_it_ran(asked):
+    pytest.importorskip("openvino", reason="optional extra slimseg[openvino] not installed")
+    session = get_runtime("openvino", channel_vote_model(), threads=1, precision=asked)
+    assert session.precision == asked
+
+
+def test_eval_and_bench_through_openvino_report_the_precision(tmp_path, capsys):
+    pytest.importorskip("openvino", reason="optional extra slimseg[openvino] not installed")
+    model = tmp_path / "vote.onnx"
+    onnx.save(channel_vote_model(), model)
+    config = write_vote_dataset(tmp_path / "data")
+    assert main(["eval", "--model", str(model), "--dataset_config", str(config), "--runtime", "openvino",
+                 "--output", "json", "--quiet"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["runtime"], data["precision"], data["num_images"]) == ("openvino", "f32", 4)
+    assert data["miou"] == pytest.approx(1.0)
+    assert main(["bench", "--model", str(model), "--input_shape", "1,3,16,16", "--runs", "3", "--warmup", "1",
+                 "--runtime", "openvino", "--precision", "bf16", "--quiet"]) == 0
+    assert "openvino (bf16 inference)" in capsys.readouterr().out
+
+
+def test_precision_is_an_error_outside_openvino(tmp_path, capsys):
+    model = tmp_path / "vote.onnx"
+    onnx.save(channel_vote_model(), model)
+    assert main(["bench", "--model", str(model), "--input_shape", "1,3,16,16", "--precision", "bf16",
+                 "--quiet"]) != 0
+    assert "--precision applies to --runtime openvino only" in capsys.readouterr().err

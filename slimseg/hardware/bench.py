@@ -43,6 +43,7 @@ class BenchResult:
     params: int
     size_bytes: int
     macs: int
+    precision: str | None = None   # the inference precision a runtime chose (OpenVINO), if it says
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,16 +51,17 @@ class BenchResult:
 
 def benchmark(model: ModelLike, *, threads: int = 1, warmup: int = 10, runs: int = 100,
               input_shape: Sequence[int] | None = None, runtime: str = "onnxruntime",
-              progress: bool = False) -> BenchResult:
+              progress: bool = False, **runtime_options) -> BenchResult:
     """Time `model` on random normal input of its input shape (dynamic batch = 1; other dynamic
-    dims come from `input_shape`, else an error asks for it)."""
-    return compare({"model": model}, rounds=runs, warmup=warmup, threads=threads,
-                   input_shape=input_shape, runtime=runtime, progress=progress)["model"]
+    dims come from `input_shape`, else an error asks for it). `runtime_options` go to the
+    runtime (e.g. ``precision='bf16'`` for OpenVINO)."""
+    return compare({"model": model}, rounds=runs, warmup=warmup, threads=threads, input_shape=input_shape,
+                   runtime=runtime, progress=progress, **runtime_options)["model"]
 
 
 def compare(models: Mapping[str, ModelLike], *, rounds: int = 200, warmup: int = 10, threads: int = 1,
             input_shape: InputShape | Mapping[str, InputShape] = None, runtime: str = "onnxruntime",
-            progress: bool = False) -> dict[str, BenchResult]:
+            progress: bool = False, **runtime_options) -> dict[str, BenchResult]:
     """Time several models interleaved: every round runs each model once, in the given order.
 
     `input_shape` is one shape for all models, or a mapping model key -> shape."""
@@ -67,14 +69,14 @@ def compare(models: Mapping[str, ModelLike], *, rounds: int = 200, warmup: int =
     protos = {key: load_onnx(m) for key, m in models.items()}
     shapes = {key: _shape_for(key, input_shape, models) for key in models}
     feeds = {key: random_inputs(protos[key], shapes[key], seed=0) for key in models}
-    sessions = {key: get_runtime(runtime, protos[key], threads=threads) for key in models}
+    sessions = {key: get_runtime(runtime, protos[key], threads=threads, **runtime_options) for key in models}
     for _ in range(warmup):
         for key, session in sessions.items():
             session.run(feeds[key])
     times = _timed_rounds(sessions, feeds, rounds, progress)
     return {
         key: _result(protos[key], feeds[key], shapes[key], times[key], runtime=runtime, threads=threads,
-                     warmup=warmup)
+                     warmup=warmup, precision=getattr(sessions[key], "precision", None))
         for key in models
     }
 

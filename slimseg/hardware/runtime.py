@@ -182,7 +182,8 @@ class OpenVinoRuntime:
         self.request = self.compiled.create_infer_request()
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
         self.output_names = [p.get_any_name() for p in self.compiled.outputs]
-        self.precision = precision
+        # what the plugin actually chose: f16 falls back to f32 on CPUs without it, for example
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
     def run(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
         feeds = feed_dict(inputs, self.input_names)

@@ -37,7 +37,7 @@ def human_bytes(n: float) -> str:
 def format_eval(result) -> str:
     m = result.metrics
     head = (f"{result.model} on {result.dataset}: {result.num_images} images in "
-            f"{result.seconds:.1f} s ({result.runtime})")
+            f"{result.seconds:.1f} s ({runtime_label(result)})")
     summary = table([("mIoU", f"{m.miou:.4f}"), ("Acc", f"{m.acc:.4f}"), ("Kappa", f"{m.kappa:.4f}"),
                      ("mDice", f"{m.mdice:.4f}")], header=("metric", "value"))
     per_class = table([(i, f"{iou:.4f}", f"{p:.4f}", f"{r:.4f}")
@@ -46,10 +46,16 @@ def format_eval(result) -> str:
     return f"{head}\n\n{summary}\n\n{per_class}"
 
 
+def runtime_label(result) -> str:
+    """'openvino (f32 inference)': a result says which precision its runtime really ran in."""
+    precision = getattr(result, "precision", None)
+    return f"{result.runtime} ({precision} inference)" if precision else result.runtime
+
+
 def format_bench(source: str, result) -> str:
     r = result
     rows = [
-        ("runtime", f"{r.runtime}, {r.threads} thread(s)"),
+        ("runtime", f"{runtime_label(r)}, {r.threads} thread(s)"),
         ("input", "x".join(str(d) for d in r.input_shape)),
         ("latency median", f"{r.median_ms:.3f} ms"),
         ("latency p90", f"{r.p90_ms:.3f} ms"),
