@@ -179,3 +179,14 @@ def test_machine_info_names_cpu_and_runtime():
     info = machine_info()
     assert info["onnxruntime"] == onnxruntime.__version__
     assert info["cpu"] and info["logical_cores"] >= 1
+
+
+@pytest.mark.parametrize("max_seconds, expected", [(1e6, 30), (1e-9, 10)])
+def test_compress_latency_rounds_fit_the_time_budget(max_seconds, expected):
+    """A model that takes seconds per run gets fewer rounds (never under ten), a fast one all of them."""
+    from slimseg.compress.api import measure_latency
+
+    model = conv_model()
+    out = measure_latency(model, model, None, rounds=30, max_seconds=max_seconds)
+    assert out["rounds"] == {"1_thread": expected, "2_thread": expected}
+    assert set(out["speedup"]) == {"1_thread", "2_thread"}

@@ -297,3 +297,22 @@ def test_parametrization_and_batch_agnostic():
     assert conv(torch.randn(5, 3, 8, 8)).shape == (5, 4, 6, 6)
     scale, q = conv.parametrizations.weight[0].quantized()
     assert np.array_equal(q * scale[:, None, None, None], conv.weight.detach().numpy())
+
+
+def test_weights_are_quantized_once_without_gradients_and_again_when_they_change():
+    torch.manual_seed(6)
+    w = torch.nn.Parameter(torch.randn(4, 9))
+    fq = WeightFakeQuant(w.detach(), scale_method="absmax")
+    with torch.no_grad():
+        first = fq(w)
+        assert fq(w) is first  # cached
+        w.mul_(0.5)  # an optimizer step or load_state_dict changes the weight in place
+        changed = fq(w)
+        assert changed is not first and torch.equal(changed, fake_quantize(w, fq._scale_view(w), 0, -127, 127))
+        fq.scale.mul_(2.0)
+        assert not torch.equal(fq(w), changed)
+        other = w.detach().clone()  # another tensor with equal values is quantized afresh
+        assert fq(other) is not fq(w)
+    fresh = fq(w)  # with gradients: computed every time, differentiable
+    assert fresh.requires_grad and fq(w) is not fresh
+    assert "_no_grad_cache" not in pickle.loads(pickle.dumps(fq)).__dict__

@@ -154,6 +154,7 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
                            "precision": _precision(stages), "stats": _stats(model, loaded.input_shape)},
             "metric_drop": round(baseline.metrics.miou - final.metrics.miou, 6),
             "speedup": latency["speedup"],
+            "latency_rounds": latency["rounds"],
             "size_bytes": {"original": loaded.onnx.ByteSize(), "compressed": model.ByteSize(),
                            "compressed_zipped": _zipped_size(model)},
             "agreement": agreement,
@@ -335,15 +336,28 @@ def verify_agreement(sim, exported, dataset, *, limit: int | None = None, progre
     return round(agreement, 6)
 
 
-def measure_latency(original, compressed, input_shape, *, rounds: int = 200) -> dict[str, Any]:
-    """Interleaved original/compressed medians in onnxruntime at 1 and 2 threads."""
+LATENCY_SECONDS = 60.0  # about this long per thread count; at least MIN_LATENCY_ROUNDS rounds
+MIN_LATENCY_ROUNDS = 10
+
+
+def measure_latency(original, compressed, input_shape, *, rounds: int = 200,
+                    max_seconds: float = LATENCY_SECONDS) -> dict[str, Any]:
+    """Interleaved original/compressed medians in onnxruntime at 1 and 2 threads.
+
+    A full-size DeepLabv3 takes seconds per image on 2 cores: 200 rounds would take longer than
+    its compression, so the rounds are cut to what fits in `max_seconds` (a short probe
+    measures a round first), never below ten."""
     from slimseg.hardware.bench import compare
 
     shape = tuple(1 if d is None else d for d in input_shape) if input_shape else None
-    out: dict[str, Any] = {"original": {}, "compressed": {}, "speedup": {}}
+    models = {"original": original, "compressed": compressed}
+    out: dict[str, Any] = {"original": {}, "compressed": {}, "speedup": {}, "rounds": {}}
     for threads in (1, 2):
-        results = compare({"original": original, "compressed": compressed}, rounds=rounds, threads=threads,
-                          input_shape=shape)
+        probe = compare(models, rounds=2, warmup=1, threads=threads, input_shape=shape)
+        per_round = sum(r.min_ms for r in probe.values()) / 1e3
+        count = max(MIN_LATENCY_ROUNDS, min(rounds, int(max_seconds / max(per_round, 1e-6))))
+        out["rounds"][f"{threads}_thread"] = count
+        results = compare(models, rounds=count, threads=threads, input_shape=shape)
         for name, r in results.items():
             out[name][f"{threads}_thread"] = {"median_ms": round(r.median_ms, 3), "p90_ms": round(r.p90_ms, 3),
                                               "min_ms": round(r.min_ms, 3)}

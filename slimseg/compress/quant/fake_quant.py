@@ -347,6 +347,31 @@ class WeightFakeQuant(nn.Module):
         self.__dict__["_weight"] = w.detach()
         if not self.enabled:
             return w
+        if torch.is_grad_enabled() or self.alpha is not None:
+            self.__dict__.pop("_no_grad_cache", None)
+            return self._fake_quantized(w)
+        # without gradients (calibration, evaluation, export checks) the weights do not change
+        # between forwards: quantize them once, not on every image (a ResNet-50 spent over half
+        # of its agreement check re-quantizing 39 M weights per image)
+        key = self._cache_key(w)
+        cached = self.__dict__.get("_no_grad_cache")
+        if cached is None or cached[0] is not w or cached[1] != key:
+            cached = (w, key, self._fake_quantized(w))
+            self.__dict__["_no_grad_cache"] = cached
+        return cached[2]
+
+    def _cache_key(self, w: torch.Tensor) -> tuple:
+        """Changes whenever the weight, scale or mask does (in-place updates bump ``_version``);
+        the weight must also be the very tensor object cached (a parametrization's original)."""
+        mask = None if self.mask is None else (id(self.mask), self.mask._version)
+        return (w._version, id(self.scale), self.scale._version, mask)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_no_grad_cache", None)  # derived data: not pickled, not deep-copied
+        return state
+
+    def _fake_quantized(self, w: torch.Tensor) -> torch.Tensor:
         w = self._masked(w)
         s = self._scale_view(w)
         if self.alpha is None and _use_fused(self) and w.dtype == torch.float32:
