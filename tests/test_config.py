@@ -573,6 +573,21 @@ def test_example_model_dir_resolves_to_assets(assets, name):
     assert (cfg.global_.model_dir / cfg.global_.model_filename).is_file()
 
 
+CAMVID_EXAMPLES = ["pp_liteseg_qat", "hrnet_qat", "unet_qat", "deeplabv3_qat", "camvid_ptq"]
+
+
+@pytest.mark.parametrize("name", CAMVID_EXAMPLES)
+def test_camvid_example_configs_load(name):
+    """The zoo configs name no model (the teacher is a flag) and read CamVid at half resolution."""
+    cfg = load_strategy_config(ROOT / "examples" / "configs" / f"{name}.yaml")
+    assert cfg.global_.reader_config == ROOT / "examples" / "configs" / "dataset" / "camvid_240x180.yaml"
+    assert cfg.global_.model_dir is None
+    assert (cfg.quant_aware is not None) == name.endswith("_qat")
+    if cfg.quant_aware is not None:
+        assert cfg.distillation.node == [] and cfg.train_config.train_iter == 200
+    assert load_strategy_config(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
 def test_example_values():
     load = lambda n: load_strategy_config(ROOT / "examples" / "configs" / f"{n}.yaml")  # noqa: E731
     qat = load("pp_humanseg_qat")
@@ -581,8 +596,6 @@ def test_example_values():
     assert qat.train_config.learning_rate == pytest.approx(5e-5)
     ptq = load("pp_humanseg_ptq").quant_post
     assert (ptq.algo, ptq.batch_size, ptq.batch_nums, ptq.bias_correct) == (PTQAlgo.MINMAX, 8, 8, False)
-    decoder = load("pp_humanseg_prune_decoder").channel_prune
-    assert decoder.prune_params_name == ["conv2d_1.w_0", "conv2d_63.w_0", "conv2d_65.w_0"] and decoder.reconstruct
     decoder = load("pp_humanseg_prune_decoder").channel_prune
     assert decoder.prune_params_name == ["conv2d_1.w_0", "conv2d_63.w_0", "conv2d_65.w_0"] and decoder.reconstruct
     sparse = load("pp_humanseg_sparse")
