@@ -3,12 +3,13 @@
 
 For every architecture whose teacher ``benchmarks/train_teacher.py`` left in the cache
 (``<cache>/<arch>_small_camvid_240x180/model.onnx``): slimseg PTQ (``camvid_ptq.yaml``) and
-QAT + distillation (``<model>_qat.yaml``), each a ``slimseg compress`` child process (its wall
-time and peak memory are the child's own); val mIoU of every model in onnxruntime and OpenVINO;
+QAT + distillation (``<model>_qat.yaml``), each a ``slimseg compress`` child process whose
+output is kept in ``--out`` and reused by a rerun (wall time and peak memory are from its
+report.json); val mIoU of every model in onnxruntime and OpenVINO;
 latency FP32 vs INT8, interleaved, in onnxruntime and OpenVINO (INFERENCE_PRECISION_HINT=f32)
 at 1 and 2 threads; file sizes.
 
-    python benchmarks/zoo_camvid.py [--arch unet hrnet_w18] [--skip qat] [--rounds 200]
+    python benchmarks/zoo_camvid.py [--arch unet hrnet_w18] [--skip qat] [--rounds 200] [--out out/zoo]
 
 ``--full ARCH`` times the full-size architecture instead (no CamVid teacher of that size can be
 trained on 2 cores): random weights with batch-norm statistics from 16 CamVid images, so the
@@ -80,22 +81,24 @@ def zoo_rows(args) -> None:
             continue
         trained = json.loads((run / "result.json").read_text())
         models, rows = {"FP32": onnx.load(teacher)}, {"FP32": {}}
-        with tempfile.TemporaryDirectory() as tmp:
-            for key, config in (("PTQ", CONFIGS / "camvid_ptq.yaml"), ("QAT", CONFIGS / QAT_CONFIGS[arch])):
-                if key.lower() in args.skip:
-                    continue
-                child = compress_child(teacher, config, Path(tmp) / key)
-                models[key] = onnx.load(Path(tmp) / key / "model.onnx")
-                qat = child["report"]["quantization"].get("qat") or {}
-                rows[key] = {"wall_s": child["wall_s"], "peak_mb": child["peak_mb"],
-                             "s_per_iter": qat.get("seconds_per_iter")}
-            for label, model in models.items():
-                rows[label]["size_kib"] = model.ByteSize() / 1024
-                for runtime in RUNTIMES:
-                    result = evaluate(model, DATASET, runtime=runtime, threads=2, progress=False)
-                    rows[label][f"miou_{runtime}"] = result.metrics.miou
-            shape = (1, *[d.dim_value for d in models["FP32"].graph.input[0].type.tensor_type.shape.dim][1:])
-            latency = latency_table(models, args.rounds, shape)
+        for key, config in (("PTQ", CONFIGS / "camvid_ptq.yaml"), ("QAT", CONFIGS / QAT_CONFIGS[arch])):
+            if key.lower() in args.skip:
+                continue
+            save = Path(args.out).resolve() / f"{arch}_{key.lower()}"
+            if not (save / "report.json").is_file():
+                compress_child(teacher, config, save)
+            report = json.loads((save / "report.json").read_text())
+            models[key] = onnx.load(save / "model.onnx")
+            qat = report["quantization"].get("qat") or {}
+            rows[key] = {"wall_s": report["wall_seconds"], "peak_mb": report["peak_rss_mb"],
+                         "s_per_iter": qat.get("seconds_per_iter")}
+        for label, model in models.items():
+            rows[label]["size_kib"] = model.ByteSize() / 1024
+            for runtime in RUNTIMES:
+                result = evaluate(model, DATASET, runtime=runtime, threads=2, progress=False)
+                rows[label][f"miou_{runtime}"] = result.metrics.miou
+        shape = (1, *[d.dim_value for d in models["FP32"].graph.input[0].type.tensor_type.shape.dim][1:])
+        latency = latency_table(models, args.rounds, shape)
         fp32 = rows["FP32"]["miou_onnxruntime"]
         print(f"\n### {arch} (small preset, {trained['params'] / 1e6:.2f} M parameters; teacher: "
               f"{trained['iterations']} iterations in {trained['train_seconds'] / 60:.1f} min)\n")
@@ -140,7 +143,7 @@ def full_size(args) -> None:
         strategy = tmp / "ptq.yaml"
         strategy.write_text("QuantPost:\n  algo: minmax\n  batch_size: 4\n  batch_nums: 2\n  onnx_format: true\n")
         models = {"FP32": onnx.load(fp32)}
-        for placement in ("onnxruntime", "openvino"):
+        for placement in args.placements:
             child = compress_child(fp32, strategy, tmp / placement, dataset, extra=("--placement", placement))
             models[f"INT8 ({placement} placement)"] = onnx.load(tmp / placement / "model.onnx")
             print(f"PTQ with {placement} placement: {child['wall_s']:.0f} s wall, {child['peak_mb']:.0f} MB peak")
@@ -180,8 +183,11 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["ptq", "qat"])
     parser.add_argument("--rounds", type=int, default=200, help="interleaved latency rounds")
     parser.add_argument("--json", help="also write the measurements here")
+    parser.add_argument("--out", default="out/zoo", help="compressed models, reused when there (default out/zoo)")
     parser.add_argument("--full", choices=sorted(QAT_CONFIGS), help="time the full-size architecture only")
     parser.add_argument("--input-size", type=int, nargs=2, default=(480, 360), metavar=("W", "H"))
+    parser.add_argument("--placements", nargs="+", default=["onnxruntime", "openvino"],
+                        choices=["onnxruntime", "openvino"], help="Q/DQ placements to time with --full")
     args = parser.parse_args()
     print(f"machine: {json.dumps(machine_info())}")
     print(f"command: python {' '.join(sys.argv)}")
