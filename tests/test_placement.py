@@ -115,3 +115,61 @@ def test_clip_relu6_is_fused_but_clip_with_negative_min_is_not():
     plan = plan_quantization(onnx.parser.parse_model(text))
     assert plan.activation_of("c") is None and plan.activation_of("y") is not None
     assert plan.activation_of("d") is not None and plan.activation_of("z") is None
+
+
+def _pool_net(ceil_mode: int, count_include_pad: int) -> onnx.ModelProto:
+    """x -> Conv -> Relu -> AveragePool 2x2/2 -> Conv (ResNet-vd's shortcut) on an odd 5x7 map."""
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1, 4, 5, 7] x) => (float[1, 4, 3, 4] y) <float[4, 4, 1, 1] w1, float[4, 4, 1, 1] w2> {{
+        c = Conv (x, w1)
+        r = Relu (c)
+        p = AveragePool <kernel_shape = [2, 2], strides = [2, 2], ceil_mode = {ceil_mode},
+                         count_include_pad = {count_include_pad}> (r)
+        y = Conv (p, w2)
+    }}
+    """
+    model = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(0)
+    for name in ("w1", "w2"):
+        model.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), name))
+    return model
+
+
+def _ort_qdq_pool(x: np.ndarray, level) -> np.ndarray:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    s, z = numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("AveragePool", ["d"], ["p"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1,
+                              count_include_pad=1),
+             helper.make_node("QuantizeLinear", ["p", "s", "z"], ["q2"]),
+             helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [s, z])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_ceil_mode_average_pool_output_gets_no_quantizer():
+    """onnxruntime's fused int8 AveragePool divides ceil_mode border windows differently from its
+    float one: the pool's output must not be quantized, or DQ -> pool -> Q becomes that kernel."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).uniform(0, 5, (1, 4, 5, 7)).astype(np.float32)
+    plain = _ort_qdq_pool(x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    fused = _ort_qdq_pool(x, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    # the reason for the rule; when onnxruntime agrees with itself, this fails and the rule can go
+    assert np.abs(plain - fused).max() > 1.0 and np.array_equal(plain[..., :2, :3], fused[..., :2, :3])
+
+    plan = plan_quantization(_pool_net(1, 1))
+    assert "divides the ceil_mode border windows" in plan.float_nodes["AveragePool_2"]
+    assert plan.activation_of("p") is None and plan.activation_of("r") is not None
+    for ceil_mode, count_include_pad in ((0, 1), (1, 0)):  # these agree: quantized as before
+        assert plan_quantization(_pool_net(ceil_mode, count_include_pad)).activation_of("p") is not None
+    # OpenVINO's style is checked with onnxruntime's fusions off: its Conv input stays quantized
+    assert plan_quantization(_pool_net(1, 1), placement="openvino").activation_of("p") is not None

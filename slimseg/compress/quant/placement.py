@@ -93,7 +93,7 @@ def plan_quantization(model: onnx.ModelProto, *, op_types: Iterable[str] | None 
     style = placement_style(placement)
     allowed = _op_types(op_types)
     excluded = set(exclude_nodes)
-    marks = Marks(model, exclude_tensors, excluded)
+    marks = Marks(model, [*exclude_tensors, *_ort_mismatched_outputs(model, placement)], excluded)
     float_nodes: dict[str, str] = {}
     for phase in (COMPUTE, SHARE):
         for node in marks.nodes:
@@ -120,10 +120,33 @@ def _op_types(op_types: Iterable[str] | None) -> set[str]:
     return set(chosen)
 
 
+AVGPOOL_CEIL_PAD = ("onnxruntime's int8 AveragePool (QLinearAveragePool) divides the ceil_mode border windows "
+                    "differently from its float AveragePool with count_include_pad=1")
+
+
+def _ort_mismatched_outputs(model: onnx.ModelProto, placement: str) -> list[str]:
+    """Tensors that must not get a Q in onnxruntime's style: a Q after them would let onnxruntime
+    fuse DQ -> op -> Q into an int8 kernel that computes something else. Found on ResNet-vd's
+    shortcut pooling (ceil_mode=1, count_include_pad=1) at odd sizes: up to half the value
+    wrong on the last row/column, 0.7% of a DeepLabv3's pixels flipped."""
+    if placement != "onnxruntime":
+        return []
+    return [n.output[0] for n in model.graph.node if _ceil_pad_average_pool(n)]
+
+
+def _ceil_pad_average_pool(node: onnx.NodeProto) -> bool:
+    from slimseg.model.passes._rewrite import attr
+
+    return (node.op_type == "AveragePool" and node.domain in DEFAULT_DOMAINS and attr(node, "ceil_mode", 0) == 1
+            and attr(node, "count_include_pad", 0) == 1)
+
+
 def _skip(node: onnx.NodeProto, name: str, allowed: set[str], excluded: set[str],
           rules: Mapping[str, Rule]) -> str | None:
     if name in excluded:
         return "excluded by exclude_nodes"
+    if rules is RULES and _ceil_pad_average_pool(node):
+        return AVGPOOL_CEIL_PAD
     if node.op_type in rules and node.op_type not in allowed:
         return f"op type {node.op_type!r} is not in op_types"
     return None
