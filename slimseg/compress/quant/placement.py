@@ -93,7 +93,8 @@ def plan_quantization(model: onnx.ModelProto, *, op_types: Iterable[str] | None 
     style = placement_style(placement)
     allowed = _op_types(op_types)
     excluded = set(exclude_nodes)
-    marks = Marks(model, [*exclude_tensors, *_ort_mismatched_outputs(model, placement)], excluded)
+    mismatched = _ort_mismatched_outputs(model, placement)
+    marks = Marks(model, [*exclude_tensors, *mismatched], excluded)
     float_nodes: dict[str, str] = {}
     for phase in (COMPUTE, SHARE):
         for node in marks.nodes:
@@ -101,7 +102,8 @@ def plan_quantization(model: onnx.ModelProto, *, op_types: Iterable[str] | None 
             if rule.phase != phase:
                 continue
             name = marks.node_name(node)
-            why = _skip(node, name, allowed & set(style.rules), excluded, style.rules) or rule.apply(node, marks)
+            why = _skip(node, name, allowed & set(style.rules), excluded, style.rules, mismatched) or \
+                rule.apply(node, marks)
             if why:
                 float_nodes[name] = why
             else:
@@ -124,28 +126,24 @@ AVGPOOL_CEIL_PAD = ("onnxruntime's int8 AveragePool (QLinearAveragePool) divides
                     "differently from its float AveragePool with count_include_pad=1")
 
 
-def _ort_mismatched_outputs(model: onnx.ModelProto, placement: str) -> list[str]:
+def _ort_mismatched_outputs(model: onnx.ModelProto, placement: str) -> set[str]:
     """Tensors that must not get a Q in onnxruntime's style: a Q after them would let onnxruntime
     fuse DQ -> op -> Q into an int8 kernel that computes something else. Found on ResNet-vd's
     shortcut pooling (ceil_mode=1, count_include_pad=1) at odd sizes: up to half the value
     wrong on the last row/column, 0.7% of a DeepLabv3's pixels flipped."""
-    if placement != "onnxruntime":
-        return []
-    return [n.output[0] for n in model.graph.node if _ceil_pad_average_pool(n)]
-
-
-def _ceil_pad_average_pool(node: onnx.NodeProto) -> bool:
     from slimseg.model.passes._rewrite import attr
 
-    return (node.op_type == "AveragePool" and node.domain in DEFAULT_DOMAINS and attr(node, "ceil_mode", 0) == 1
-            and attr(node, "count_include_pad", 0) == 1)
+    if placement != "onnxruntime":
+        return set()
+    return {n.output[0] for n in model.graph.node if n.op_type == "AveragePool" and n.domain in DEFAULT_DOMAINS
+            and attr(n, "ceil_mode", 0) == 1 and attr(n, "count_include_pad", 0) == 1}
 
 
 def _skip(node: onnx.NodeProto, name: str, allowed: set[str], excluded: set[str],
-          rules: Mapping[str, Rule]) -> str | None:
+          rules: Mapping[str, Rule], mismatched: set[str]) -> str | None:
     if name in excluded:
         return "excluded by exclude_nodes"
-    if rules is RULES and _ceil_pad_average_pool(node):
+    if node.output and node.output[0] in mismatched:
         return AVGPOOL_CEIL_PAD
     if node.op_type in rules and node.op_type not in allowed:
         return f"op type {node.op_type!r} is not in op_types"
