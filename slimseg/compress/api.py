@@ -345,19 +345,17 @@ def measure_latency(original, compressed, input_shape, *, rounds: int = 200,
     """Interleaved original/compressed medians in onnxruntime at 1 and 2 threads.
 
     A full-size DeepLabv3 takes seconds per image on 2 cores: 200 rounds would take longer than
-    its compression, so the rounds are cut to what fits in `max_seconds` (a short probe
-    measures a round first), never below ten."""
+    its compression, so the rounds (and warm-up) are cut to what fits in `max_seconds`, never
+    below ten."""
     from slimseg.hardware.bench import compare
 
     shape = tuple(1 if d is None else d for d in input_shape) if input_shape else None
     models = {"original": original, "compressed": compressed}
     out: dict[str, Any] = {"original": {}, "compressed": {}, "speedup": {}, "rounds": {}}
     for threads in (1, 2):
-        probe = compare(models, rounds=2, warmup=1, threads=threads, input_shape=shape)
-        per_round = sum(r.min_ms for r in probe.values()) / 1e3
-        count = max(MIN_LATENCY_ROUNDS, min(rounds, int(max_seconds / max(per_round, 1e-6))))
-        out["rounds"][f"{threads}_thread"] = count
-        results = compare(models, rounds=count, threads=threads, input_shape=shape)
+        results = compare(models, rounds=rounds, threads=threads, input_shape=shape, max_seconds=max_seconds,
+                          min_rounds=MIN_LATENCY_ROUNDS)
+        out["rounds"][f"{threads}_thread"] = results["original"].runs
         for name, r in results.items():
             out[name][f"{threads}_thread"] = {"median_ms": round(r.median_ms, 3), "p90_ms": round(r.p90_ms, 3),
                                               "min_ms": round(r.min_ms, 3)}

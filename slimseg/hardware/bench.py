@@ -61,18 +61,28 @@ def benchmark(model: ModelLike, *, threads: int = 1, warmup: int = 10, runs: int
 
 def compare(models: Mapping[str, ModelLike], *, rounds: int = 200, warmup: int = 10, threads: int = 1,
             input_shape: InputShape | Mapping[str, InputShape] = None, runtime: str = "onnxruntime",
-            progress: bool = False, **runtime_options) -> dict[str, BenchResult]:
+            progress: bool = False, max_seconds: float | None = None, min_rounds: int = 10,
+            **runtime_options) -> dict[str, BenchResult]:
     """Time several models interleaved: every round runs each model once, in the given order.
 
-    `input_shape` is one shape for all models, or a mapping model key -> shape."""
+    `input_shape` is one shape for all models, or a mapping model key -> shape. `max_seconds`:
+    the first warm-up round is timed and the warm-up and timed rounds are cut to about this
+    long (never below `min_rounds`), for models that take seconds per run."""
     _check_counts(rounds, warmup)
     protos = {key: load_onnx(m) for key, m in models.items()}
     shapes = {key: _shape_for(key, input_shape, models) for key in models}
     feeds = {key: random_inputs(protos[key], shapes[key], seed=0) for key in models}
     sessions = {key: get_runtime(runtime, protos[key], threads=threads, **runtime_options) for key in models}
-    for _ in range(warmup):
+    done = 0
+    while done < warmup:
+        start = time.perf_counter()
         for key, session in sessions.items():
             session.run(feeds[key])
+        done += 1
+        if max_seconds is not None and done == 1:
+            per_round = max(time.perf_counter() - start, 1e-6)
+            rounds = max(min_rounds, min(rounds, int(max_seconds / per_round)))
+            warmup = min(warmup, max(1, rounds // 10))
     times = _timed_rounds(sessions, feeds, rounds, progress)
     return {
         key: _result(protos[key], feeds[key], shapes[key], times[key], runtime=runtime, threads=threads,
