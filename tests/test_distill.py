@@ -269,6 +269,18 @@ def test_alpha_weights_and_zero_for_identical_models():
     assert loss.item() == pytest.approx(parts["l2:h"].item() + 0.5 * parts["l1:logits"].item(), rel=1e-5)
 
 
+def test_stages_passing_the_flattened_nodes_keep_the_configs_groups():
+    # compress hands every stage strategy_distill_nodes() (flat); the groups and their losses stay
+    teacher = TorchGraph(with_weights(TWO_CONV))
+    student = TorchGraph(with_weights(TWO_CONV))
+    cfg = Distillation(loss=["l2", "l1"], alpha=[1.0, 0.5], node=[["h", "logits"], ["logits"]])
+    grouped = Distiller(student, teacher, cfg, nodes=["h", "logits", "logits"])
+    assert [(g.loss, g.alpha, g.nodes) for g in grouped.groups] == [("l2", 1.0, ("h", "logits")),
+                                                                     ("l1", 0.5, ("logits",))]
+    other = Distiller(student, teacher, Distillation(node=[["h"], ["logits"]]), nodes=["logits"])
+    assert [g.nodes for g in other.groups] == [("logits",)]  # other nodes still override
+
+
 def test_bn_folded_student_exposes_the_teachers_node():
     model = conv_bn_head()
     teacher = TorchGraph(model)

@@ -177,8 +177,7 @@ def strategy_distill_nodes(strategy, model: onnx.ModelProto) -> list[str]:
     """The strategy's ``Distillation.node`` flattened (groups included), else
     :func:`find_distill_nodes` on ``model``."""
     nodes = strategy.distillation.node if strategy.distillation is not None else []
-    flat = [n for item in nodes for n in (item if isinstance(item, list) else [item])]
-    return flat or find_distill_nodes(model)
+    return _flat(nodes) or find_distill_nodes(model)
 
 
 def _last_weighted(graph, output: str, producer: dict[str, int], constants: set[str]) -> int | None:
@@ -287,6 +286,10 @@ def distill_groups(config: Distillation, default_nodes: Sequence[str] = ()) -> l
     return groups
 
 
+def _flat(nodes: Sequence) -> list[str]:
+    return [n for item in nodes for n in (item if isinstance(item, (list, tuple)) else [item])]
+
+
 def _broadcast(value, count: int, key: str) -> list:
     if not isinstance(value, list):
         return [value] * count
@@ -305,7 +308,8 @@ class Distiller(nn.Module):
     ``student(images, taps=nodes)`` must return ``{name: tensor}`` with the graph output first
     (as :class:`~slimseg.model.torch_graph.TorchGraph` does); the teacher is put in eval mode,
     its parameters stop requiring grad and it runs under ``torch.no_grad()``. ``nodes``
-    overrides ``config.node``; with neither, :func:`find_distill_nodes` on the teacher's graph.
+    overrides ``config.node`` (the config's node groups are kept when ``nodes`` is them flattened,
+    as the stages pass them); with neither, :func:`find_distill_nodes` on the teacher's graph.
     With labels and ``label_weight`` > 0, :func:`label_loss` on the student's tensor ``output``
     (default: the teacher's first graph output; softmax/logits told apart from the graph).
     """
@@ -316,7 +320,7 @@ class Distiller(nn.Module):
         super().__init__()
         config = config or Distillation()
         graph = teacher.to_onnx() if hasattr(teacher, "to_onnx") else None
-        default = nodes if nodes is not None else config.node
+        default = config.node if nodes is None or _flat(config.node) == list(nodes) else nodes
         if not default:
             if graph is None:
                 raise SlimsegError("the teacher is not a TorchGraph: pass the nodes to distill")
