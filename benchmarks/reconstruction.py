@@ -3,10 +3,12 @@
     python benchmarks/reconstruction.py [--images 64] [--grouped]
 
 On pp_humanseg_lite_192 with mini_supervisely: 30 % of the channels removed (ChannelPrune,
-l1_norm, round_to 4) and 75 % of the 1x1 conv weights zeroed by magnitude per layer
+l1_norm, round_to 4), 75 % of the 1x1 conv weights zeroed per layer and 80 % in 1x4 blocks
 (UnstructurePrune's one-shot masks). Prints the val mIoU (onnxruntime) of each pruned model
 untrained, then after :func:`slimseg.compress.prune.reconstruct.reconstruct_layers` on
-``--images`` training images (val transforms), and the refit's time.
+``--images`` training images (val transforms), and the refit's time. The sparse cases run
+twice: zeros by magnitude then refit, and zeros chosen by OBS inside the refit (same count per
+layer; ``criterion: obs``, the default for one-shot masks).
 """
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from slimseg.compress.prune.channel import prune_channels
-    from slimseg.compress.prune.masks import zero_smallest
     from slimseg.compress.prune.reconstruct import reconstruct_model
     from slimseg.data import build_dataset, calibration_batches, load_dataset_config
     from slimseg.evaluate import evaluate
@@ -43,16 +44,40 @@ def main() -> None:
 
     pruned, report = prune_channels(loaded.onnx, 0.3, criterion="l1_norm", round_to=4)
     pruned = fold_batchnorm.run(pruned).model
-    sparse, _ = zero_smallest(folded, 0.75, params_type="conv1x1_only", local=True)
-    cases = [("channel prune 30%", pruned, report.removed), ("75% of 1x1 weights zeroed", sparse, None)]
-    for name, model, removed in cases:
-        before = evaluate(model, val, progress=False).metrics.miou
+    cases = [("channel prune 30%", pruned, {"removed": report.removed})]
+    for ratio, block in ((0.75, (1, 1)), (0.8, (1, 4))):
+        sparse, prune = sparse_by_magnitude(folded, ratio, block)
+        what = f"{ratio:.0%} of 1x1 weights" + ("" if block == (1, 1) else f" in {block[0]}x{block[1]} blocks")
+        cases += [(f"{what}, zeros by magnitude", sparse, {}), (f"{what}, zeros by OBS", folded, {"prune": prune})]
+    for name, model, options in cases:
+        before = "" if "prune" in options else \
+            f"{evaluate(model, val, progress=False).metrics.miou:.4f} untrained, "
         tic = time.perf_counter()
-        refit, rec = reconstruct_model(model, loaded.onnx, batches, removed=removed, grouped=args.grouped)
+        refit, rec = reconstruct_model(model, loaded.onnx, batches, grouped=args.grouped, **options)
         seconds = time.perf_counter() - tic
         after = evaluate(refit, val, progress=False).metrics.miou
-        print(f"{name}: val mIoU {before:.4f} untrained, {after:.4f} reconstructed "
+        print(f"{name}: val mIoU {before}{after:.4f} reconstructed "
               f"({len(rec.layers)} convs, {rec.images} images, {seconds:.1f} s)", flush=True)
+
+
+def sparse_by_magnitude(folded, ratio: float, block: tuple[int, int]):
+    """The model with ``ratio`` of every 1x1 weight zeroed by magnitude (per layer, in
+    ``block``s), and the same zero counts as ``reconstruct_layers(prune=...)`` targets."""
+    import torch
+    from onnx import numpy_helper
+
+    from slimseg.compress.prune.masks import eligible_weights, magnitude_masks
+    from slimseg.model.passes._graph import copy_model
+
+    model = copy_model(folded)
+    names = {w.name for w in eligible_weights(model, params_type="conv1x1_only")}
+    inits = {t.name: t for t in model.graph.initializer if t.name in names}
+    weights = {n: torch.from_numpy(numpy_helper.to_array(t).copy()) for n, t in inits.items()}
+    prune = {}
+    for name, mask in magnitude_masks(weights, ratio, local=True, block=block).items():
+        inits[name].CopyFrom(numpy_helper.from_array((weights[name] * mask).numpy(), name))
+        prune[name] = (int((mask.reshape(mask.shape[0], -1)[::block[1]] == 0).sum()), block[1])
+    return model, prune
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
     python benchmarks/sparsity_assets.py [--iters 300] [--batch 8] [--out result.json]
 
-examples/configs/pp_humanseg_sparse.yaml (75 % of the 1x1 conv weights, GMP, local sparsity;
-the seed's config with slimseg's optimizer, see its comments) with its 1000 iterations scaled to
-``--iters`` (GMP phases, lr boundaries and the cosine period keep their shares).
+examples/configs/pp_humanseg_sparse.yaml (75 % of the 1x1 conv weights; the seed's config with
+slimseg's one-shot OBS masks, global sparsity and optimizer, see its comments) with its 1000
+iterations scaled to ``--iters`` (GMP phases if any, lr boundaries and the cosine period keep
+their shares).
 Prints the val mIoU of the original and of the sparse model (both in onnxruntime), the
 sparsity reached and the wall time. Acceptance (issue 4): val mIoU >= 0.8587.
 """
@@ -31,9 +32,10 @@ def scaled_strategy(iters: int, batch: int):
     raw.pop("Global", None)
     seed_iters = raw["TrainConfig"]["train_iter"]
     scale = iters / seed_iters
-    gmp = raw["UnstructurePrune"]["gmp_config"]
+    gmp = raw["UnstructurePrune"].get("gmp_config") or {}
     for key in ("stable_iterations", "pruning_iterations", "tunning_iterations"):
-        gmp[key] = int(round(gmp[key] * scale))
+        if key in gmp:
+            gmp[key] = int(round(gmp[key] * scale))
     train = raw["TrainConfig"]
     train["train_iter"] = iters
     train["eval_iter"] = max(1, iters // 3)

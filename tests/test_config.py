@@ -600,7 +600,10 @@ def test_example_values():
     assert decoder.prune_params_name == ["conv2d_1.w_0", "conv2d_63.w_0", "conv2d_65.w_0"] and decoder.reconstruct
     sparse = load("pp_humanseg_sparse")
     assert isinstance(sparse.unstructure_prune, UnstructurePrune)
-    assert sparse.unstructure_prune.gmp_config.pruning_iterations == 300
+    up = sparse.unstructure_prune
+    assert up.prune_strategy is None and up.gmp_config is None and up.uses_obs and not up.local_sparsity
     assert sparse.train_config.train_iter == 1000
+    block = load("pp_humanseg_block_sparse").unstructure_prune
+    assert tuple(block.block) == (1, 4) and block.ratio == 0.8 and block.uses_obs
     auto = load("pp_humanseg_auto")
     assert auto.global_.deploy_hardware and auto.quant_aware is None and auto.train_config

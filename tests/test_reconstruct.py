@@ -105,3 +105,26 @@ def test_no_batches_is_an_error():
     model, _ = tiny_net()
     with pytest.raises(ValueError, match="calibration batch"):
         reconstruct_layers(TorchGraph(model), model, [])
+
+
+def test_prune_lets_obs_choose_the_zeros_with_exact_counts():
+    model, _ = tiny_net()
+    teacher = TorchGraph(model)
+    held_out, batches = images(16, seed=99), [images(16, seed=s) for s in range(4)]
+    magnitude = TorchGraph(zero_smallest(model, 0.75, params_type="conv1x1_only")[0])
+    reconstruct_layers(magnitude, model, batches)
+    names = [n for n in magnitude.onnx_parameter_names if magnitude.parameter(n).dim() == 4
+             and tuple(magnitude.parameter(n).shape[2:]) == (1, 1)]
+    zeros = {n: int((magnitude.parameter(n).detach() == 0).sum()) for n in names}
+
+    student = TorchGraph(model)
+    report = reconstruct_layers(student, model, batches, prune={n: (k, 1) for n, k in zeros.items()})
+
+    assert set(report.masks) == set(names)
+    for n in names:
+        w, mask = student.parameter(n).detach(), report.masks[n]
+        assert mask.shape == w.shape and int((mask == 0).sum()) == zeros[n]
+        assert torch.all(w[mask == 0] == 0)
+    assert {layer["zeros"] for layer in report.layers if "zeros" in layer} == set(zeros.values())
+    assert "mask" not in str(report.to_dict())
+    assert relative_error(student, teacher, held_out) < relative_error(magnitude, teacher, held_out)

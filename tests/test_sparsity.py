@@ -327,4 +327,50 @@ def test_one_shot_sparsity_refits_before_training_unless_told_not_to(tmp_path, r
         errors = summary["reconstruction"]["layers"]
         assert all(x["error_after"] <= x["error_before"] for x in errors)
         assert any(x["error_after"] < x["error_before"] for x in errors)
+        assert any("chosen by OBS" in line for line in lines)  # the default where it applies
+        assert sum("zeros" in x for x in errors) == len(summary["layers"])  # every masked weight
     assert summary["sparsity"] == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("section, why", [
+    ({"prune_strategy": "gmp"}, "GMP"),
+    ({"prune_mode": "threshold"}, "threshold"),
+    ({"reconstruct": False}, "reconstruct is off"),
+    ({"block": "4x1"}, "output channels"),
+])
+def test_obs_criterion_where_it_cannot_apply_is_a_config_error(section, why):
+    from slimseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=why) as err:
+        load_strategy_config({"UnstructurePrune": {"ratio": 0.5, "criterion": "obs", **section}})
+    assert "criterion" in str(err.value)
+
+
+@pytest.mark.parametrize("section, obs", [
+    ({}, True), ({"block": "1x4"}, True), ({"criterion": "magnitude"}, False), ({"prune_strategy": "gmp"}, False),
+    ({"reconstruct": False}, False), ({"block": "4x1"}, False),
+])
+def test_obs_is_the_default_for_refitted_one_shot_masks(section, obs):
+    assert load_strategy_config({"UnstructurePrune": {"ratio": 0.5, **section}}).unstructure_prune.uses_obs is obs
+
+
+def test_global_obs_sparsity_splits_the_zeros_by_cost_and_keeps_the_total(tmp_path):
+    from slimseg.compress.prune.stage import sparsify
+    from slimseg.data import build_dataset
+    from slimseg.demo import TinySegNet, make_synthetic_dataset
+    from slimseg.model.importers import load_model
+
+    data = make_synthetic_dataset(tmp_path / "data", train=8, val=2, size=16, seed=1)
+    torch.manual_seed(0)
+    loaded = load_model(TinySegNet(width=8), input_shape=(1, 3, 16, 16))
+    strategy = load_strategy_config({
+        "UnstructurePrune": {"ratio": 0.6, "local_sparsity": False},
+        "TrainConfig": {"train_iter": 1, "eval_iter": 1, "batch_size": 4, "learning_rate": 1e-9}})
+    lines = []
+    _, summary = sparsify(loaded, strategy.unstructure_prune, strategy=strategy,
+                          train_set=build_dataset(data, "train"), val_set=build_dataset(data, "val"),
+                          progress=False, say=lines.append)
+    assert summary["sparsity"] == pytest.approx(0.6, abs=0.01)
+    per_layer = [r["sparsity"] for r in summary["layers"]]
+    assert len(per_layer) > 1 and max(per_layer) - min(per_layer) > 0.05
+    assert any("chosen by OBS" in line for line in lines) and "global" in summary["config"]

@@ -20,6 +20,11 @@ after reconstruction; 30 % of the channels removed by L1 norm 0.37, 0.75 after.
 Every group-1 2-D conv whose output tensor exists in the teacher is refitted; with
 ``grouped=True`` grouped and depthwise convs too, per group (a depthwise 3x3 is one
 10-unknown problem per channel).
+
+``prune`` also chooses the zeros while refitting (SparseGPT's order of work): for a weight
+named there, the layer's dense least-squares solution is pruned by Optimal Brain Surgeon
+(:mod:`slimseg.compress.prune.obs`) to the given number of zeros, with the same statistics,
+and then refitted on what is left.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from slimseg.compress.prune.obs import obs_mask
 from slimseg.model.passes._rewrite import attr
 from slimseg.model.torch_graph import TorchGraph
 
@@ -47,15 +53,17 @@ class ReconstructionReport:
     seconds: float = 0.0
     layers: list[dict] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # weight -> keep-mask (prune)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "masks"}
 
 
 @torch.no_grad()
 def reconstruct_layers(student: TorchGraph, teacher: TorchGraph | onnx.ModelProto,
                        batches: Sequence[torch.Tensor], *, removed: Mapping[str, Sequence[int]] | None = None,
                        keep_zeros: bool = True, damping: float = 0.01, grouped: bool = False,
+                       prune: Mapping[str, tuple[int, int]] | None = None,
                        log: Callable[[str], None] | None = None) -> ReconstructionReport:
     """Refit ``student``'s group-1 conv weights and biases in place (see the module docstring).
 
@@ -64,7 +72,10 @@ def reconstruct_layers(student: TorchGraph, teacher: TorchGraph | onnx.ModelProt
     teacher's outputs to the student's channels; ``keep_zeros``: zero weights stay zero (a
     sparsity mask survives); ``grouped``: refit grouped/depthwise convs too (off: on 30%
     channel-pruned PP-HumanSeg-Lite it scored 0.717 vs 0.723 untrained, 0.794 vs 0.803 after
-    600 fine-tuning iterations). Returns what was refitted and how much the output error fell.
+    600 fine-tuning iterations). ``prune``: weight name -> ``(zeros, rows_per_block)``, the
+    number of weights (or blocks of ``rows_per_block`` output channels at one input position)
+    to zero in that group-1 conv by OBS before its refit; the keep-masks are in
+    ``report.masks``. Returns what was refitted and how much the output error fell.
     """
     if not batches:
         raise ValueError("reconstruction needs at least one calibration batch")
@@ -82,10 +93,15 @@ def reconstruct_layers(student: TorchGraph, teacher: TorchGraph | onnx.ModelProt
             if node.op_type == "Conv":
                 report.skipped[node.output[0]] = reason
             continue
-        layer = _refit(node, student, teacher, batches, removed.get(node.output[0], set()), keep_zeros, damping)
+        target = (prune or {}).get(node.input[1]) if attr(node, "group", 1) == 1 else None
+        layer = _refit(node, student, teacher, batches, removed.get(node.output[0], set()), keep_zeros, damping,
+                       target)
         if isinstance(layer, str):
             report.skipped[node.output[0]] = layer
         else:
+            mask = layer.pop("mask", None)
+            if mask is not None:
+                report.masks[node.input[1]] = mask
             report.layers.append(layer)
     report.seconds = round(time.perf_counter() - tic, 2)
     student.train(was_training)
@@ -139,10 +155,9 @@ def _unfold(x: torch.Tensor, node: onnx.NodeProto, kernel: tuple[int, int], grou
 
 
 def _refit(node, student: TorchGraph, teacher: TorchGraph, batches, gone: set[int], keep_zeros: bool,
-           damping: float) -> dict | str:
+           damping: float, prune: tuple[int, int] | None = None) -> dict | str:
     weight = student.parameter(node.input[1])
-    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    bias = student.parameter(bias_name) if bias_name in student.onnx_parameter_names else None
+    bias = _bias(node, student)
     kernel, groups = tuple(weight.shape[2:]), int(attr(node, "group", 1))
     out = node.output[0]
     gram = cross = None  # (groups, d, d), (groups, C_out / groups, d), d = inputs per group (+1)
@@ -169,10 +184,19 @@ def _refit(node, student: TorchGraph, teacher: TorchGraph, batches, gone: set[in
     inputs = gram.shape[-1] - (1 if bias is not None else 0)
     ridge = torch.zeros_like(gram)
     ridge.diagonal(dim1=1, dim2=2)[:, :inputs] = damping * float(gram.diagonal(dim1=1, dim2=2)[:, :inputs].mean())
+    lhs, rhs = gram + ridge, cross + w0 @ ridge
+    mask, current = None, w0
+    if prune is not None:  # groups == 1: choose the zeros on the dense solution, by OBS
+        dense = torch.linalg.solve(lhs[0], rhs[0].t()).t()
+        fixed = 1 if bias is not None else 0
+        mask = obs_mask(dense, gram[0], prune[0], rows_per_block=prune[1], fixed=fixed, damping=damping)
+        w0 = (dense * mask)[None]
+        rhs = cross + w0 @ ridge
     support = w0 != 0 if keep_zeros else torch.ones_like(w0, dtype=torch.bool)
+    if mask is not None:
+        support = mask[None].bool()
     if bias is not None:
         support[..., -1] = True
-    lhs, rhs = gram + ridge, cross + w0 @ ridge
     if bool(support.all()):
         new = torch.linalg.solve(lhs, rhs.transpose(1, 2)).transpose(1, 2)
     else:
@@ -185,12 +209,56 @@ def _refit(node, student: TorchGraph, teacher: TorchGraph, batches, gone: set[in
         value = float(((w @ gram) * w).sum() - 2 * (w * cross).sum()) + target_energy
         return (max(value, 0.0) / max(target_energy, 1e-30)) ** 0.5
 
-    before, after = error(w0), error(new)
+    before, after = error(current), error(new)
     layer = {"tensor": out, "error_before": round(before, 4), "error_after": round(min(before, after), 4)}
-    if not after < before:  # numerically no better: keep what was there
+    if mask is not None:  # the zeros are new: write them whatever the error
+        layer["error_after"], layer["zeros"] = round(after, 4), int(prune[0])
+        layer["mask"] = mask[:, :-1].reshape(weight.shape) if bias is not None else mask.reshape(weight.shape)
+    elif not after < before:  # numerically no better: keep what was there
         return layer
     if bias is not None:
         bias.copy_(new[..., -1].reshape(bias.shape).to(bias.dtype))
         new = new[..., :-1]
     weight.copy_(new.reshape(weight.shape).to(weight.dtype))
     return layer
+
+
+@torch.no_grad()
+def layer_systems(graph: TorchGraph, batches: Sequence[torch.Tensor],
+                  weights: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per named group-1 conv weight, its layer as a least-squares system on ``batches``, the
+    model as it is: ``(X X^T, [W | b], fixed)`` with ``X`` the unfolded input (plus a row of
+    ones and ``fixed = 1`` when the conv has a bias). What OBS needs to rank the weights of
+    every layer against the others (one forward pass per batch for all layers)."""
+    wanted = set(weights)
+    nodes = {n.input[1]: n for n in graph.onnx_graph.node
+             if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in wanted and attr(n, "group", 1) == 1
+             and graph.parameter(n.input[1]).dim() == 4
+             and attr(n, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")}
+    biases = {name: _bias(node, graph) for name, node in nodes.items()}
+    taps = list(dict.fromkeys(node.input[0] for node in nodes.values()))
+    was_training = graph.training
+    graph.eval()
+    grams: dict[str, torch.Tensor] = {}
+    for images in batches:
+        acts = graph(images, taps=taps, only_taps=True)
+        for name, node in nodes.items():
+            cols = _unfold(acts[node.input[0]], node, tuple(graph.parameter(name).shape[2:]), 1)[0]
+            if biases[name] is not None:
+                cols = torch.cat([cols, cols.new_ones(1, cols.shape[-1])])
+            gram = (cols @ cols.t()).double()
+            grams[name] = gram if name not in grams else grams[name] + gram
+    graph.train(was_training)
+    systems = {}
+    for name, gram in grams.items():
+        weight = graph.parameter(name).detach()
+        matrix = weight.reshape(weight.shape[0], -1).double()
+        if biases[name] is not None:
+            matrix = torch.cat([matrix, biases[name].detach().double()[:, None]], 1)
+        systems[name] = (gram, matrix, int(biases[name] is not None))
+    return systems
+
+
+def _bias(node: onnx.NodeProto, graph: TorchGraph) -> torch.Tensor | None:
+    name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    return graph.parameter(name) if name in graph.onnx_parameter_names else None

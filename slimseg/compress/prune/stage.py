@@ -75,8 +75,7 @@ def sparsify(loaded_or_onnx, config, *, strategy, train_set, val_set, progress: 
         f"{batch_size}, distilling {nodes}; {clip_note}")
     reconstruction = None
     if _refits(config) and sparsifier.policy.ratio_after(0) == final_ratio:  # one-shot masks
-        sparsifier.update(final_ratio, force=True)
-        reconstruction = _refit(student, sparsifier, teacher if teacher is not None else original,
+        reconstruction = _refit(student, sparsifier, final_ratio, teacher if teacher is not None else original,
                                 train_set, val_set, say)
     result = train(distiller, params, distill_loader(train_set, batch_size, cfg.seed, distiller), train_cfg=train_cfg,
                    total_iters=total, evaluate=tracker, progress=progress, log=say,
@@ -191,19 +190,55 @@ def _refits(config) -> bool:
     return bool(getattr(config, "reconstruct", False)) and getattr(config, "prune_mode", "ratio") == "ratio"
 
 
-def _refit(student, sparsifier, teacher, train_set, val_set, say):
-    """Least-squares refit of the weights one-shot masks left (see
-    :mod:`slimseg.compress.prune.reconstruct`). Not after a GMP ramp: there the weights have
-    already adapted to the growing masks, and refitting each layer to the original's outputs
-    undid that (75% of PP-HumanSeg-Lite's 1x1 weights: 0.7768 val mIoU at the end of the ramp,
-    0.7509 100 iterations after a refit)."""
+def _refit(student, sparsifier, ratio, teacher, train_set, val_set, say):
+    """Set the one-shot masks at ``ratio`` and refit the weights they leave by least squares
+    (see :mod:`slimseg.compress.prune.reconstruct`); with ``criterion`` obs the refit also
+    chooses each refitted weight's zeros by OBS (:func:`_obs_targets` says how many). Not after
+    a GMP ramp: there the weights have already adapted to the growing masks, and refitting
+    each layer to the original's outputs undid that (75% of PP-HumanSeg-Lite's 1x1 weights:
+    0.7768 val mIoU at the end of the ramp, 0.7509 100 iterations after a refit)."""
     from slimseg.compress.prune.reconstruct import RECONSTRUCT_BATCH, RECONSTRUCT_IMAGES, reconstruct_layers
     from slimseg.data import calibration_batches
 
     batches = calibration_batches(train_set, val_set, RECONSTRUCT_IMAGES, RECONSTRUCT_BATCH)
-    report = reconstruct_layers(student, teacher, batches, keep_zeros=True, log=say)
+    obs = getattr(sparsifier.policy.config, "uses_obs", False)
+    prune = _obs_targets(sparsifier, ratio, student, batches) if obs else None
+    sparsifier.update(ratio, force=True)
+    report = reconstruct_layers(student, teacher, batches, keep_zeros=True, prune=prune, log=say)
+    for name, mask in report.masks.items():
+        sparsifier.masks[name] = mask.to(sparsifier.masks[name])
+    if prune:
+        say(f"zeros of {len(report.masks)} of {len(sparsifier.masks)} masked weights chosen by OBS, "
+            "the rest by magnitude" if len(report.masks) < len(sparsifier.masks) else
+            f"zeros of all {len(report.masks)} masked weights chosen by OBS")
     sparsifier.apply()
     return report
+
+
+def _obs_targets(sparsifier, ratio, student, batches) -> dict[str, tuple[int, int]]:
+    """Weight -> (zero blocks, output channels per block) for the OBS refit. Per layer
+    (``local_sparsity``): the count the magnitude mask has. Global: the magnitude masks' total,
+    split among the weights by their OBS costs relative to each layer's output energy, on the
+    dense model (:func:`slimseg.compress.prune.obs.allocate`)."""
+    from slimseg.compress.prune.obs import allocate, pruning_order
+    from slimseg.compress.prune.reconstruct import layer_systems
+
+    config = sparsifier.policy.config
+    rows_per_block = int(config.block[1])
+    weights = {n: p.detach() for n, p in sparsifier.params.items()}
+    targets = {}
+    for name, mask in sparsifier.policy.masks(weights, ratio).items():
+        firsts = mask.reshape(mask.shape[0], -1)[::rows_per_block]  # one row per block of channels
+        targets[name] = (int((firsts == 0).sum()), rows_per_block)
+    if config.local_sparsity:
+        return targets
+    costs = {}
+    for name, (gram, matrix, fixed) in layer_systems(student, batches, list(targets)).items():
+        energy = float(((matrix @ gram) * matrix).sum())
+        costs[name] = pruning_order(matrix, gram, rows_per_block=rows_per_block, fixed=fixed)[1] / max(energy, 1e-30)
+    shares = allocate(costs, sum(targets[n][0] for n in costs))
+    targets.update({n: (count, rows_per_block) for n, count in shares.items()})
+    return targets
 
 
 def _describe(config) -> str:
@@ -213,7 +248,8 @@ def _describe(config) -> str:
     what = f"ratio {c.ratio}" if c.prune_mode == "ratio" else f"|w| < {c.threshold}"
     scope = "per layer" if c.local_sparsity else "global"
     block = "" if tuple(c.block) == (1, 1) else f", {c.block[0]}x{c.block[1]} blocks"
-    return f"{c.prune_strategy or 'one-shot'} {what} {scope}, {c.prune_params_type or 'all convs'}{block}"
+    chosen = ", zeros chosen by OBS" if c.uses_obs else ""
+    return f"{c.prune_strategy or 'one-shot'} {what} {scope}, {c.prune_params_type or 'all convs'}{block}{chosen}"
 
 
 def _summary(config, sparsifier, result, tracker, nodes, batch_size, clip_note) -> dict[str, Any]:

@@ -1,0 +1,98 @@
+"""Optimal Brain Surgeon masks (slimseg.compress.prune.obs) and their use in the refit.
+
+OBS must reduce to magnitude pruning when the inputs are uncorrelated with equal energy, beat
+magnitude when inputs are redundant (a duplicated input column can absorb its twin at no
+cost), report costs that are the exact error increase of the least-squares refit, and keep
+blocks of output channels on one mask.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slimseg.compress.prune.masks import magnitude_masks
+from slimseg.compress.prune.obs import allocate, counts_for, obs_mask, pruning_order
+
+
+def lstsq_error(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> float:
+    """Squared error of the best weights on the kept columns, row by row."""
+    total = 0.0
+    for r in range(y.shape[0]):
+        cols = keep[r].nonzero().flatten()
+        if len(cols) == 0:
+            total += float((y[r] ** 2).sum())
+            continue
+        w = torch.linalg.lstsq(x[cols].t(), y[r][:, None]).solution.flatten()
+        total += float(((w @ x[cols] - y[r]) ** 2).sum())
+    return total
+
+
+def test_uncorrelated_unit_inputs_give_the_magnitude_mask():
+    torch.manual_seed(0)
+    w = torch.randn(6, 10, dtype=torch.float64)
+    mask = obs_mask(w, torch.eye(10, dtype=torch.float64), 40, damping=0.0)
+    expected = magnitude_masks({"w": w[:, :, None, None]}, 40 / 60, local=True)["w"].reshape(6, 10)
+    assert torch.equal(mask, expected.to(mask))
+
+
+def test_a_duplicated_input_is_pruned_first_and_costs_nothing():
+    rng = np.random.default_rng(0)
+    base = torch.from_numpy(rng.standard_normal((3, 500)))
+    x = torch.cat([base, base[:1]])        # column 3 repeats column 0
+    w = torch.tensor([[1.0, 0.4, 0.5, 1.0]], dtype=torch.float64)  # magnitude would drop column 1
+    y = w @ x
+    gram = x @ x.t()
+    order, cost = pruning_order(w, gram, damping=0.0)
+    assert int(order[0, 0]) in (0, 3) and float(cost[0, 0]) < 1e-6
+    mask = obs_mask(w, gram, 1, damping=0.0)
+    magnitude = torch.tensor([[1.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    assert lstsq_error(x, y, mask.bool()) < 1e-6 < lstsq_error(x, y, magnitude.bool())
+
+
+def test_costs_are_the_refit_error_increase():
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.standard_normal((8, 8)) @ rng.standard_normal((8, 300)))  # correlated inputs
+    w = torch.from_numpy(rng.standard_normal((1, 8)))
+    y = w @ x + 0.1 * torch.from_numpy(rng.standard_normal((1, 300)))
+    gram = x @ x.t()
+    dense = torch.linalg.solve(gram, (y @ x.t()).t()).t()
+    order, cost = pruning_order(dense, gram, damping=0.0)
+    keep = torch.ones(1, 8, dtype=torch.bool)
+    previous = lstsq_error(x, y, keep)
+    for step in range(5):
+        keep[0, order[0, step]] = False
+        now = lstsq_error(x, y, keep)
+        assert now - previous == pytest.approx(float(cost[0, step]), rel=1e-6, abs=1e-8)
+        previous = now
+
+
+def test_blocks_of_output_channels_share_a_mask_and_fixed_columns_stay():
+    torch.manual_seed(2)
+    x = torch.randn(9, 400, dtype=torch.float64)
+    x[-1] = 1.0                                    # a bias column
+    w = torch.randn(10, 9, dtype=torch.float64)    # 10 rows: blocks of 4, 4 and 2
+    mask = obs_mask(w, x @ x.t(), 12, rows_per_block=4, fixed=1)
+    assert torch.equal(mask[0:4], mask[0:1].expand(4, 9)) and torch.equal(mask[4:8], mask[4:5].expand(4, 9))
+    assert torch.equal(mask[8:10], mask[8:9].expand(2, 9))
+    assert int((mask[[0, 4, 8]] == 0).sum()) == 12
+    assert torch.all(mask[:, -1] == 1)
+
+
+def test_counts_take_the_cheapest_steps_in_order():
+    cost = torch.tensor([[1.0, 5.0, 6.0], [2.0, 3.0, 4.0]])
+    assert counts_for(cost, 3).tolist() == [1, 2]
+    assert counts_for(cost, 0).tolist() == [0, 0] and counts_for(cost, 99).tolist() == [3, 3]
+    # a cheap step behind an expensive one is not taken before it
+    assert counts_for(torch.tensor([[9.0, 0.1], [1.0, 2.0]]), 2).tolist() == [0, 2]
+
+
+def test_allocate_gives_zeros_where_they_cost_least_relative_to_the_layer():
+    cheap = torch.tensor([[0.01, 0.02, 0.03], [0.01, 0.02, 0.5]])
+    dear = torch.tensor([[0.2, 0.3, 0.9]])
+    shares = allocate({"cheap": cheap, "dear": dear}, 5)
+    assert shares == {"cheap": 5, "dear": 0}
+    assert sum(allocate({"cheap": cheap, "dear": dear}, 7).values()) == 7
+    assert allocate({}, 3) == {}
+    wide = torch.tensor([[0.001, 0.002, 0.003, 0.004]])  # layers of other widths
+    assert allocate({"cheap": cheap, "wide": wide}, 6) == {"cheap": 2, "wide": 4}
