@@ -83,8 +83,8 @@ def test_counts_take_the_cheapest_steps_in_order():
     cost = torch.tensor([[1.0, 5.0, 6.0], [2.0, 3.0, 4.0]])
     assert counts_for(cost, 3).tolist() == [1, 2]
     assert counts_for(cost, 0).tolist() == [0, 0] and counts_for(cost, 99).tolist() == [3, 3]
-    # a cheap step behind an expensive one is not taken before it
-    assert counts_for(torch.tensor([[9.0, 0.1], [1.0, 2.0]]), 2).tolist() == [0, 2]
+    # a block takes as many steps of its order as it has among the cheapest
+    assert counts_for(torch.tensor([[9.0, 0.1], [1.0, 2.0]]), 2).tolist() == [1, 1]
 
 
 def test_allocate_gives_zeros_where_they_cost_least_relative_to_the_layer():
@@ -96,3 +96,15 @@ def test_allocate_gives_zeros_where_they_cost_least_relative_to_the_layer():
     assert allocate({}, 3) == {}
     wide = torch.tensor([[0.001, 0.002, 0.003, 0.004]])  # layers of other widths
     assert allocate({"cheap": cheap, "wide": wide}, 6) == {"cheap": 2, "wide": 4}
+
+
+def test_existing_zeros_stay_among_the_zeros_whatever_they_cost():
+    torch.manual_seed(3)
+    x = torch.randn(8, 300, dtype=torch.float64)
+    w = torch.randn(5, 8, dtype=torch.float64)
+    zero = torch.zeros(5, 8, dtype=torch.bool)
+    zero[:, 0] = True
+    w[:, 0] = 10.0                               # the dearest weights are the ones that must go
+    mask = obs_mask(w, x @ x.t(), 15, zero=zero)
+    assert torch.all(mask[:, 0] == 0) and int((mask == 0).sum()) == 15
+    assert int((obs_mask(w, x @ x.t(), 2, zero=zero) == 0).sum()) == 5  # never fewer than given

@@ -27,13 +27,14 @@ import torch
 
 
 def pruning_order(weight: torch.Tensor, gram: torch.Tensor, *, rows_per_block: int = 1, fixed: int = 0,
-                  damping: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                  damping: float = 0.01, zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy OBS order of every block of rows of ``weight`` (``R x d``, the dense least-squares
     solution for ``gram``, ``d x d``): ``(order, cost)``, both ``(ceil(R / b), d - fixed)``;
     ``order[g, s]`` is the input column removed at step ``s`` from block ``g``, ``cost[g, s]``
     the squared output error that step adds. The last ``fixed`` columns (a bias's column of
     ones) are never removed. ``damping`` adds ``damping * mean(diag)`` to the diagonal, as the
-    refit's ridge does."""
+    refit's ridge does. ``zero`` (``R x d`` booleans, constant within a block): weights that
+    must be zero whatever it costs (an earlier mask); they go first, at cost ``-inf``."""
     w = weight.detach().double()
     rows, d = w.shape
     prunable = d - fixed
@@ -47,6 +48,9 @@ def pruning_order(weight: torch.Tensor, gram: torch.Tensor, *, rows_per_block: i
     hinv = torch.linalg.inv(h).expand(blocks, d, d).clone()
     alive = torch.ones(blocks, d, dtype=torch.bool)
     alive[:, prunable:] = False
+    forced = torch.zeros(blocks, d, dtype=torch.bool)
+    if zero is not None:
+        forced[:, :prunable] = zero.reshape(rows, d)[::b, :prunable].bool()
     order = torch.zeros(blocks, prunable, dtype=torch.long)
     cost = torch.zeros(blocks, prunable, dtype=torch.float64)
     index = torch.arange(blocks)
@@ -54,6 +58,7 @@ def pruning_order(weight: torch.Tensor, gram: torch.Tensor, *, rows_per_block: i
         diag = hinv.diagonal(dim1=1, dim2=2).clamp_min(1e-30)           # (G, d)
         score = (w * w).sum(1) / diag                                  # (G, d)
         score[~alive] = float("inf")
+        score[forced & alive] = float("-inf")
         q = score.argmin(1)
         order[:, step], cost[:, step] = q, score[index, q]
         hq = hinv[index, :, q]                                         # (G, d)
@@ -66,23 +71,25 @@ def pruning_order(weight: torch.Tensor, gram: torch.Tensor, *, rows_per_block: i
 
 
 def counts_for(cost: torch.Tensor, total: int) -> torch.Tensor:
-    """How many leading steps of each block's order to take so that ``total`` steps are taken
-    in all, cheapest first (the costs grow along an order, nearly always; a step is taken with
-    those before it)."""
+    """How many leading steps of each block's order to take: the ``total`` cheapest steps over
+    all blocks are found, and each block takes as many steps of its order as it has among them
+    (OBC's rule; the costs nearly always grow along an order. Requiring a step's predecessors
+    to be taken first, by a running maximum, scored lower: 0.7739 against 0.7802 val mIoU on
+    PP-HumanSeg-Lite at 75 %)."""
     total = max(0, min(int(total), cost.numel()))
-    # cumulative maximum: a step is never cheaper than the ones it needs before it
-    cummax = cost.cummax(1).values
     chosen = torch.zeros(cost.numel(), dtype=torch.bool)
-    chosen[torch.argsort(cummax.reshape(-1), stable=True)[:total]] = True
+    chosen[torch.argsort(cost.reshape(-1), stable=True)[:total]] = True
     return chosen.reshape(cost.shape).sum(1)
 
 
 def obs_mask(weight: torch.Tensor, gram: torch.Tensor, zeros: int, *, rows_per_block: int = 1, fixed: int = 0,
-             damping: float = 0.01) -> torch.Tensor:
+             damping: float = 0.01, zero: torch.Tensor | None = None) -> torch.Tensor:
     """Keep-mask (``weight``'s shape, 1 = keep) zeroing ``zeros`` blocks of the first
-    ``d - fixed`` columns of ``weight`` (``R x d``) chosen by :func:`pruning_order`."""
-    order, cost = pruning_order(weight, gram, rows_per_block=rows_per_block, fixed=fixed, damping=damping)
-    counts = counts_for(cost, zeros)
+    ``d - fixed`` columns of ``weight`` (``R x d``) chosen by :func:`pruning_order`; those in
+    ``zero`` are among them."""
+    order, cost = pruning_order(weight, gram, rows_per_block=rows_per_block, fixed=fixed, damping=damping,
+                                zero=zero)
+    counts = counts_for(cost, max(int(zeros), int(torch.isneginf(cost).sum())))
     b = max(1, int(rows_per_block))
     keep = torch.ones(order.shape[0], weight.shape[1], dtype=weight.dtype)
     for block, count in enumerate(counts.tolist()):

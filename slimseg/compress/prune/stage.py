@@ -202,8 +202,14 @@ def _refit(student, sparsifier, ratio, teacher, train_set, val_set, say):
 
     batches = calibration_batches(train_set, val_set, RECONSTRUCT_IMAGES, RECONSTRUCT_BATCH)
     obs = getattr(sparsifier.policy.config, "uses_obs", False)
-    prune = _obs_targets(sparsifier, ratio, student, batches) if obs else None
-    sparsifier.update(ratio, force=True)
+    if obs:  # the refit sees the dense weights and sets the zeros; the others keep magnitude masks
+        prune, magnitude = _obs_targets(sparsifier, ratio, student, batches)
+        sparsifier.masks, sparsifier.ratio = magnitude, ratio
+        for name in set(magnitude) - set(prune):
+            sparsifier.params[name].detach().mul_(magnitude[name].to(sparsifier.params[name]))
+    else:
+        prune = None
+        sparsifier.update(ratio, force=True)
     report = reconstruct_layers(student, teacher, batches, keep_zeros=True, prune=prune, log=say)
     for name, mask in report.masks.items():
         sparsifier.masks[name] = mask.to(sparsifier.masks[name])
@@ -215,11 +221,12 @@ def _refit(student, sparsifier, ratio, teacher, train_set, val_set, say):
     return report
 
 
-def _obs_targets(sparsifier, ratio, student, batches) -> dict[str, tuple[int, int]]:
-    """Weight -> (zero blocks, output channels per block) for the OBS refit. Per layer
-    (``local_sparsity``): the count the magnitude mask has. Global: the magnitude masks' total,
-    split among the weights by their OBS costs relative to each layer's output energy, on the
-    dense model (:func:`slimseg.compress.prune.obs.allocate`)."""
+def _obs_targets(sparsifier, ratio, student, batches):
+    """``(targets, magnitude masks)``: weight -> (zero blocks, output channels per block) for the
+    OBS refit, and the magnitude masks at ``ratio``. Per layer (``local_sparsity``): the count
+    the magnitude mask has. Global: the magnitude masks' total, split among the weights by their
+    OBS costs relative to each layer's output energy, on the dense model
+    (:func:`slimseg.compress.prune.obs.allocate`)."""
     from slimseg.compress.prune.obs import allocate, pruning_order
     from slimseg.compress.prune.reconstruct import layer_systems
 
@@ -227,18 +234,19 @@ def _obs_targets(sparsifier, ratio, student, batches) -> dict[str, tuple[int, in
     rows_per_block = int(config.block[1])
     weights = {n: p.detach() for n, p in sparsifier.params.items()}
     targets = {}
-    for name, mask in sparsifier.policy.masks(weights, ratio).items():
+    magnitude = sparsifier.policy.masks(weights, ratio)
+    for name, mask in magnitude.items():
         firsts = mask.reshape(mask.shape[0], -1)[::rows_per_block]  # one row per block of channels
         targets[name] = (int((firsts == 0).sum()), rows_per_block)
     if config.local_sparsity:
-        return targets
+        return targets, magnitude
     costs = {}
     for name, (gram, matrix, fixed) in layer_systems(student, batches, list(targets)).items():
         energy = float(((matrix @ gram) * matrix).sum())
         costs[name] = pruning_order(matrix, gram, rows_per_block=rows_per_block, fixed=fixed)[1] / max(energy, 1e-30)
     shares = allocate(costs, sum(targets[n][0] for n in costs))
     targets.update({n: (count, rows_per_block) for n, count in shares.items()})
-    return targets
+    return targets, magnitude
 
 
 def _describe(config) -> str:
