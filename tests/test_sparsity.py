@@ -374,3 +374,23 @@ def test_global_obs_sparsity_splits_the_zeros_by_cost_and_keeps_the_total(tmp_pa
     per_layer = [r["sparsity"] for r in summary["layers"]]
     assert len(per_layer) > 1 and max(per_layer) - min(per_layer) > 0.05
     assert any("chosen by OBS" in line for line in lines) and "global" in summary["config"]
+
+
+def test_obs_leaves_grouped_convs_to_magnitude_masks(tmp_path):
+    from slimseg.compress.prune.stage import sparsify
+    from slimseg.data import build_dataset
+    from slimseg.demo import TinySegNet, make_synthetic_dataset
+    from slimseg.model.importers import load_model
+
+    data = make_synthetic_dataset(tmp_path / "data", train=8, val=2, size=16, seed=1)
+    torch.manual_seed(0)
+    loaded = load_model(TinySegNet(width=8), input_shape=(1, 3, 16, 16))
+    strategy = load_strategy_config({
+        "UnstructurePrune": {"ratio": 0.5, "local_sparsity": True, "prune_params_type": None},
+        "TrainConfig": {"train_iter": 1, "eval_iter": 1, "batch_size": 4, "learning_rate": 1e-9}})
+    lines = []
+    _, summary = sparsify(loaded, strategy.unstructure_prune, strategy=strategy,
+                          train_set=build_dataset(data, "train"), val_set=build_dataset(data, "val"),
+                          progress=False, say=lines.append)
+    assert any("the rest by magnitude" in line for line in lines)
+    assert all(r["sparsity"] == pytest.approx(0.5, abs=0.05) for r in summary["layers"])

@@ -223,7 +223,8 @@ def _refit(student, sparsifier, ratio, teacher, train_set, val_set, say):
 
 def _obs_targets(sparsifier, ratio, student, batches):
     """``(targets, magnitude masks)``: weight -> (zero blocks, output channels per block) for the
-    OBS refit, and the magnitude masks at ``ratio``. Per layer (``local_sparsity``): the count
+    OBS refit (group-1 convs; grouped ones keep their magnitude masks), and the magnitude masks
+    at ``ratio``. Per layer (``local_sparsity``): the count
     the magnitude mask has. Global: the magnitude masks' total, split among the weights by their
     OBS costs relative to each layer's output energy, on the dense model
     (:func:`slimseg.compress.prune.obs.allocate`)."""
@@ -235,7 +236,10 @@ def _obs_targets(sparsifier, ratio, student, batches):
     weights = {n: p.detach() for n, p in sparsifier.params.items()}
     targets = {}
     magnitude = sparsifier.policy.masks(weights, ratio)
+    refitted = {w.name for w in sparsifier.targets if w.group == 1}  # what reconstruct_layers refits
     for name, mask in magnitude.items():
+        if name not in refitted:
+            continue
         firsts = mask.reshape(mask.shape[0], -1)[::rows_per_block]  # one row per block of channels
         targets[name] = (int((firsts == 0).sum()), rows_per_block)
     if config.local_sparsity:
