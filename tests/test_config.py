@@ -546,7 +546,7 @@ def test_adamw_default_decay_is_paddles():
 
 # ----------------------------------------------------------------------------- examples
 EXAMPLES = ["pp_humanseg_qat", "pp_humanseg_ptq", "pp_humanseg_sparse", "pp_humanseg_auto", "pp_humanseg_prune",
-            "pp_humanseg_prune_decoder", "pp_humanseg_block_sparse"]
+            "pp_humanseg_prune_decoder", "pp_humanseg_block_sparse", "pp_humanseg_asp"]
 PORTRAIT_EXAMPLES = ["pp_humanseg_portrait_qat", "pp_humanseg_portrait_ptq"]
 
 
@@ -605,5 +605,6 @@ def test_example_values():
     assert sparse.train_config.train_iter == 1000
     block = load("pp_humanseg_block_sparse").unstructure_prune
     assert tuple(block.block) == (1, 4) and block.ratio == 0.8 and block.uses_obs
+    assert load("pp_humanseg_asp").asp_prune.prune_params_name is None
     auto = load("pp_humanseg_auto")
     assert auto.global_.deploy_hardware and auto.quant_aware is None and auto.train_config
