@@ -66,7 +66,7 @@ def sparse_by_magnitude(folded, ratio: float, block: tuple[int, int]):
     import torch
     from onnx import numpy_helper
 
-    from slimseg.compress.prune.masks import eligible_weights, magnitude_masks
+    from slimseg.compress.prune.masks import eligible_weights, magnitude_masks, zero_blocks
     from slimseg.model.passes._graph import copy_model
 
     model = copy_model(folded)
@@ -76,7 +76,7 @@ def sparse_by_magnitude(folded, ratio: float, block: tuple[int, int]):
     prune = {}
     for name, mask in magnitude_masks(weights, ratio, local=True, block=block).items():
         inits[name].CopyFrom(numpy_helper.from_array((weights[name] * mask).numpy(), name))
-        prune[name] = (int((mask.reshape(mask.shape[0], -1)[::block[1]] == 0).sum()), block[1])
+        prune[name] = (zero_blocks(mask, block[1]), block[1])
     return model, prune
 
 

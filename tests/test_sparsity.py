@@ -302,8 +302,9 @@ def test_sparsify_end_to_end_on_a_tiny_model(tmp_path):
     assert not any(line.startswith("reconstructed") for line in lines) and "reconstruction" not in summary
 
 
-@pytest.mark.parametrize("refit", [True, False])
-def test_one_shot_sparsity_refits_before_training_unless_told_not_to(tmp_path, refit):
+def tiny_one_shot(tmp_path, section: dict) -> tuple[dict, list[str]]:
+    """One-shot ``UnstructurePrune`` ``section`` on a tiny seg net with one training iteration
+    at a negligible lr (the masks and refit are what is looked at): ``(summary, log lines)``."""
     from slimseg.compress.prune.stage import sparsify
     from slimseg.data import build_dataset
     from slimseg.demo import TinySegNet, make_synthetic_dataset
@@ -313,12 +314,18 @@ def test_one_shot_sparsity_refits_before_training_unless_told_not_to(tmp_path, r
     torch.manual_seed(0)
     loaded = load_model(TinySegNet(width=8), input_shape=(1, 3, 16, 16))
     strategy = load_strategy_config({
-        "UnstructurePrune": {"ratio": 0.5, "local_sparsity": True, "reconstruct": refit},
+        "UnstructurePrune": section,
         "TrainConfig": {"train_iter": 1, "eval_iter": 1, "batch_size": 4, "learning_rate": 1e-9}})
-    lines = []
-    model, summary = sparsify(loaded, strategy.unstructure_prune, strategy=strategy,
-                              train_set=build_dataset(data, "train"), val_set=build_dataset(data, "val"),
-                              progress=False, say=lines.append)
+    lines: list[str] = []
+    _, summary = sparsify(loaded, strategy.unstructure_prune, strategy=strategy,
+                          train_set=build_dataset(data, "train"), val_set=build_dataset(data, "val"),
+                          progress=False, say=lines.append)
+    return summary, lines
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_one_shot_sparsity_refits_before_training_unless_told_not_to(tmp_path, refit):
+    summary, lines = tiny_one_shot(tmp_path, {"ratio": 0.5, "local_sparsity": True, "reconstruct": refit})
     refits = [i for i, line in enumerate(lines) if line.startswith("reconstructed")]
     assert ("reconstruction" in summary) is refit and len(refits) == int(refit)
     if refit:
@@ -355,21 +362,7 @@ def test_obs_is_the_default_for_refitted_one_shot_masks(section, obs):
 
 
 def test_global_obs_sparsity_splits_the_zeros_by_cost_and_keeps_the_total(tmp_path):
-    from slimseg.compress.prune.stage import sparsify
-    from slimseg.data import build_dataset
-    from slimseg.demo import TinySegNet, make_synthetic_dataset
-    from slimseg.model.importers import load_model
-
-    data = make_synthetic_dataset(tmp_path / "data", train=8, val=2, size=16, seed=1)
-    torch.manual_seed(0)
-    loaded = load_model(TinySegNet(width=8), input_shape=(1, 3, 16, 16))
-    strategy = load_strategy_config({
-        "UnstructurePrune": {"ratio": 0.6, "local_sparsity": False},
-        "TrainConfig": {"train_iter": 1, "eval_iter": 1, "batch_size": 4, "learning_rate": 1e-9}})
-    lines = []
-    _, summary = sparsify(loaded, strategy.unstructure_prune, strategy=strategy,
-                          train_set=build_dataset(data, "train"), val_set=build_dataset(data, "val"),
-                          progress=False, say=lines.append)
+    summary, lines = tiny_one_shot(tmp_path, {"ratio": 0.6, "local_sparsity": False})
     assert summary["sparsity"] == pytest.approx(0.6, abs=0.01)
     per_layer = [r["sparsity"] for r in summary["layers"]]
     assert len(per_layer) > 1 and max(per_layer) - min(per_layer) > 0.05
@@ -377,20 +370,6 @@ def test_global_obs_sparsity_splits_the_zeros_by_cost_and_keeps_the_total(tmp_pa
 
 
 def test_obs_leaves_grouped_convs_to_magnitude_masks(tmp_path):
-    from slimseg.compress.prune.stage import sparsify
-    from slimseg.data import build_dataset
-    from slimseg.demo import TinySegNet, make_synthetic_dataset
-    from slimseg.model.importers import load_model
-
-    data = make_synthetic_dataset(tmp_path / "data", train=8, val=2, size=16, seed=1)
-    torch.manual_seed(0)
-    loaded = load_model(TinySegNet(width=8), input_shape=(1, 3, 16, 16))
-    strategy = load_strategy_config({
-        "UnstructurePrune": {"ratio": 0.5, "local_sparsity": True, "prune_params_type": None},
-        "TrainConfig": {"train_iter": 1, "eval_iter": 1, "batch_size": 4, "learning_rate": 1e-9}})
-    lines = []
-    _, summary = sparsify(loaded, strategy.unstructure_prune, strategy=strategy,
-                          train_set=build_dataset(data, "train"), val_set=build_dataset(data, "val"),
-                          progress=False, say=lines.append)
+    summary, lines = tiny_one_shot(tmp_path, {"ratio": 0.5, "local_sparsity": True, "prune_params_type": None})
     assert any("the rest by magnitude" in line for line in lines)
     assert all(r["sparsity"] == pytest.approx(0.5, abs=0.05) for r in summary["layers"])

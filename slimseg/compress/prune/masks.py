@@ -197,6 +197,12 @@ def masks_from_zeros(weights: Mapping[str, torch.Tensor | np.ndarray]) -> dict[s
     return {name: (torch.as_tensor(np.asarray(w)) != 0).float() for name, w in weights.items()}
 
 
+def zero_blocks(mask: torch.Tensor, rows_per_block: int = 1) -> int:
+    """Zeroed blocks of ``rows_per_block`` output channels at one input position in a keep-mask
+    whose blocks are whole (``[1, n]`` block masks): the count OBS is asked to reach."""
+    return int((mask.reshape(mask.shape[0], -1)[::rows_per_block] == 0).sum())
+
+
 def sparsity(masks: Iterable[torch.Tensor]) -> float:
     """Share of zeros over all masks."""
     total = zeros = 0

@@ -236,11 +236,7 @@ def layer_systems(graph: TorchGraph, batches: Sequence[torch.Tensor],
     model as it is: ``(X X^T, [W | b], fixed)`` with ``X`` the unfolded input (plus a row of
     ones and ``fixed = 1`` when the conv has a bias). What OBS needs to rank the weights of
     every layer against the others (one forward pass per batch for all layers)."""
-    wanted = set(weights)
-    nodes = {n.input[1]: n for n in graph.onnx_graph.node
-             if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in wanted and attr(n, "group", 1) == 1
-             and graph.parameter(n.input[1]).dim() == 4
-             and attr(n, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")}
+    nodes = refittable(graph, weights)
     biases = {name: _bias(node, graph) for name, node in nodes.items()}
     taps = list(dict.fromkeys(node.input[0] for node in nodes.values()))
     was_training = graph.training
@@ -263,6 +259,15 @@ def layer_systems(graph: TorchGraph, batches: Sequence[torch.Tensor],
             matrix = torch.cat([matrix, biases[name].detach().double()[:, None]], 1)
         systems[name] = (gram, matrix, int(biases[name] is not None))
     return systems
+
+
+def refittable(graph: TorchGraph, weights: Sequence[str]) -> dict[str, onnx.NodeProto]:
+    """Weight -> conv node, for the named weights whose group-1 conv :func:`reconstruct_layers`
+    refits (and may prune by OBS); the rest it skips."""
+    wanted, tensors = set(weights), {o for node in graph.onnx_graph.node for o in node.output}
+    return {node.input[1]: node for node in graph.onnx_graph.node
+            if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in wanted
+            and _unsupported(node, graph, tensors, grouped=False) is None}
 
 
 def _bias(node: onnx.NodeProto, graph: TorchGraph) -> torch.Tensor | None:

@@ -223,25 +223,21 @@ def _refit(student, sparsifier, ratio, teacher, train_set, val_set, say):
 
 def _obs_targets(sparsifier, ratio, student, batches):
     """``(targets, magnitude masks)``: weight -> (zero blocks, output channels per block) for the
-    OBS refit (group-1 convs; grouped ones keep their magnitude masks), and the magnitude masks
-    at ``ratio``. Per layer (``local_sparsity``): the count
-    the magnitude mask has. Global: the magnitude masks' total, split among the weights by their
+    OBS refit (the convs the refit handles; grouped ones keep their magnitude masks), and the
+    magnitude masks at ``ratio``. Per layer (``local_sparsity``): the count the magnitude mask
+    has. Global: the magnitude masks' total, split among the weights by their
     OBS costs relative to each layer's output energy, on the dense model
     (:func:`slimseg.compress.prune.obs.allocate`)."""
+    from slimseg.compress.prune.masks import zero_blocks
     from slimseg.compress.prune.obs import allocate, pruning_order
-    from slimseg.compress.prune.reconstruct import layer_systems
+    from slimseg.compress.prune.reconstruct import layer_systems, refittable
 
     config = sparsifier.policy.config
     rows_per_block = int(config.block[1])
     weights = {n: p.detach() for n, p in sparsifier.params.items()}
-    targets = {}
     magnitude = sparsifier.policy.masks(weights, ratio)
-    refitted = {w.name for w in sparsifier.targets if w.group == 1}  # what reconstruct_layers refits
-    for name, mask in magnitude.items():
-        if name not in refitted:
-            continue
-        firsts = mask.reshape(mask.shape[0], -1)[::rows_per_block]  # one row per block of channels
-        targets[name] = (int((firsts == 0).sum()), rows_per_block)
+    targets = {name: (zero_blocks(magnitude[name], rows_per_block), rows_per_block)
+               for name in refittable(student, list(magnitude))}
     if config.local_sparsity:
         return targets, magnitude
     costs = {}
