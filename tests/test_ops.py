@@ -264,17 +264,26 @@ def test_op_matches_onnxruntime(case: Case):
 LINEAR_RESIZES = [c for c in CASES if c.op in ("Resize", "Upsample") and c.attrs.get("mode") == "linear"]
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("case", LINEAR_RESIZES, ids=[c.id for c in LINEAR_RESIZES])
-def test_linear_resize_training_path_matches(case: Case):
+def test_linear_resize_training_path_matches(case: Case, channels_last: bool):
     """While training, linear resize runs as matrix products (torch's bilinear backward is slow
-    on CPU): same values as onnxruntime, same gradient as the gather-and-blend path."""
+    on CPU): same values as onnxruntime, same gradient as the gather-and-blend path. A
+    channels-last input (what the convs produce) gives a channels-last output."""
     model = make_model(case)
     expected = run_ort(model, case.feeds)[0]
     graph = TorchGraph(model)
     feeds = [torch.from_numpy(v) for v in case.feeds.values()]
-    x = feeds[0].clone().requires_grad_(True)
+    x = feeds[0].clone()
+    if channels_last:
+        if x.dim() != 4 or x.shape[1] == 1:
+            pytest.skip("channels-last only differs for a 4-D input with channels")
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     y = graph(x, *feeds[1:])
     np.testing.assert_allclose(y.detach().numpy(), expected, rtol=0, atol=1e-5)
+    if channels_last and y.shape[1] > 1 and y.shape[2] * y.shape[3] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last)
     weights = torch.from_numpy(rnd(*expected.shape, seed=3))
     (y * weights).sum().backward()
     with torch.no_grad():  # the reference gradient: the inference path is linear in x

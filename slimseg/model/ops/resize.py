@@ -20,6 +20,7 @@ Upsample and Resize-10 are ``asymmetric`` with onnxruntime's "simple" nearest ro
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -173,11 +174,24 @@ def _interpolation_matrix(n_in: int, n_out: int, scale: float, ctm: str) -> np.n
 
 def _matmul_axis(x: torch.Tensor, axis: int, matrix: np.ndarray) -> torch.Tensor:
     a = torch.from_numpy(matrix.copy()).to(device=x.device, dtype=x.dtype)
-    if axis == x.dim() - 1:
-        return torch.matmul(x, a.t())
-    if axis == x.dim() - 2:
-        return torch.matmul(a, x)
-    return torch.matmul(x.movedim(axis, -1), a.t()).movedim(-1, axis)
+    if x.dim() == 4 and axis >= 2 and not x.is_contiguous() \
+            and x.is_contiguous(memory_format=torch.channels_last):
+        # resize the NHWC view: the result stays channels-last, as the convs around it want
+        # it, instead of coming out NCHW and being copied back (~20 ms a step forward and
+        # backward for PP-HumanSeg-Lite's 96x96 decoder)
+        return _matmul_contiguous_axis(x.permute(0, 2, 3, 1), axis - 1, a).permute(0, 3, 1, 2)
+    return _matmul_contiguous_axis(x.contiguous(), axis, a)
+
+
+def _matmul_contiguous_axis(x: torch.Tensor, axis: int, a: torch.Tensor) -> torch.Tensor:
+    """``a`` applied along `axis` of a contiguous `x`, as one (batched) matrix product."""
+    shape = list(x.shape)
+    lead, trail = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+    if trail == 1:
+        y = torch.matmul(x.reshape(lead, shape[axis]), a.t())
+    else:
+        y = torch.matmul(a, x.reshape(lead, shape[axis], trail))
+    return y.reshape(*shape[:axis], a.shape[0], *shape[axis + 1:])
 
 
 def _linear_axis(x: torch.Tensor, axis: int, coord: np.ndarray, n_in: int) -> torch.Tensor:
