@@ -313,6 +313,29 @@ def test_only_taps_runs_just_what_the_taps_need():
     assert [s.op_type for s in steps] == ["Relu"]
 
 
+def test_walk_takes_taps_lazily_with_the_weights_as_they_are_then():
+    """A walk hands over each tap as the full forward computes it, runs no further than asked
+    (a weight changed after a take acts on every later tap), keeps no tap it handed over for
+    the last time, and names a tensor it was not asked for."""
+    graph = TorchGraph(small_net())
+    x = torch.randn(2, 3, 6, 5)
+    taps = ["x", "conv1.out", "prelu.out", "act", "logits"]
+    expected = graph(x, taps=taps)
+    with torch.no_grad():
+        walk = graph.walk(x, taps=taps)
+        for name in taps[:3]:
+            torch.testing.assert_close(walk.take(name), expected[name])
+        assert "conv1.out" not in walk._env  # handed over and read by no later step
+        graph.parameter("head.weight").mul_(2)  # the head has not run yet
+        torch.testing.assert_close(walk.take("act"), expected["act"])
+        torch.testing.assert_close(walk.take("logits") - graph.parameter("head.bias")[:, None, None],
+                                   2 * (expected["logits"] - graph.parameter("head.bias")[:, None, None]))
+        with pytest.raises(SlimsegError, match="logits"):
+            walk.take("logits")  # tapped once, taken once
+        with pytest.raises(SlimsegError, match="up"):
+            graph.walk(x, taps=["act"]).take("up")
+
+
 def test_parametrize_computes_the_weight_through_a_module():
     text = """
     <ir_version: 8, opset_import: ["" : 13]>

@@ -213,6 +213,15 @@ class TorchGraph(nn.Module):
         outs = tuple(env[name] for name in self.output_names)
         return outs[0] if len(outs) == 1 else outs
 
+    def walk(self, *inputs: torch.Tensor, taps: Sequence[str]) -> "GraphWalk":
+        """A forward of `inputs` run lazily, tap by tap (see :class:`GraphWalk`)."""
+        return GraphWalk(self, inputs, self._check_taps(taps))
+
+    def run_order(self, tensor: str) -> int:
+        """Position of the node producing `tensor` in the order the graph runs (its file order
+        where that is topological); -1 for a graph input or constant."""
+        return self._producers.get(tensor, -1)
+
     def to_onnx(self) -> onnx.ModelProto:
         """A copy of the source model with current parameter and buffer values written back."""
         model = copy.deepcopy(self._model)
@@ -301,6 +310,53 @@ class TorchGraph(nn.Module):
         else:
             t = getattr(self.consts, key)
         return t.detach().cpu().numpy()
+
+
+class GraphWalk:
+    """One forward of a :class:`TorchGraph`, run only as far as the next tensor asked for.
+
+    :meth:`take` runs the steps up to a tapped tensor's producer and hands it over. Work that
+    goes layer by layer and changes each layer before reading the next one's input (the
+    least-squares refit of :mod:`slimseg.compress.prune.reconstruct`) then costs one forward
+    per batch instead of one per layer: the steps already run used the weights as they were
+    then, which in run order are the final ones for every layer before the tensor taken. Only
+    live tensors are kept: a tap until it has been taken as often as it was tapped and no later
+    step reads it."""
+
+    def __init__(self, graph: TorchGraph, inputs: Sequence[torch.Tensor], taps: Sequence[str]):
+        self._graph = graph
+        self._env = graph._environment(inputs)
+        self._align = any(t.device.type != "cpu" for t in inputs if isinstance(t, torch.Tensor))
+        self._plan = graph._plan(frozenset(taps), outputs=False)
+        self._next = 0
+        self._pending: dict[str, int] = {}
+        for tap in taps:
+            self._pending[tap] = self._pending.get(tap, 0) + 1
+        self._last_read = {n: i for i, step in enumerate(self._plan.steps) for n in step.inputs
+                           if n in self._pending}
+
+    def take(self, name: str) -> torch.Tensor:
+        if self._pending.get(name, 0) <= 0:
+            raise SlimsegError(f"{name!r} is not a tap of this walk, or it was taken as often as it was tapped")
+        steps = self._plan.steps
+        while name not in self._env:
+            if self._next == len(steps):  # not expected: the plan produces every tap
+                raise SlimsegError(f"the walk ran every step without producing {name!r}")
+            index = self._next
+            self._graph._run(steps[index], self._env, self._align)
+            for gone in self._plan.free[index]:
+                self._env.pop(gone, None)
+            self._next += 1
+            for read in steps[index].inputs:
+                self._release(read)
+        value = self._env[name]
+        self._pending[name] -= 1
+        self._release(name)
+        return value
+
+    def _release(self, name: str) -> None:
+        if self._pending.get(name, 1) <= 0 and self._last_read.get(name, -1) < self._next:
+            self._env.pop(name, None)
 
 
 # ---- helpers --------------------------------------------------------------------------

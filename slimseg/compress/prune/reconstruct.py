@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import onnx
 import torch
@@ -88,15 +88,23 @@ def reconstruct_layers(student: TorchGraph, teacher: TorchGraph | onnx.ModelProt
     teacher_tensors = {o for node in teacher.onnx_graph.node for o in node.output}
     report = ReconstructionReport(images=sum(int(b.shape[0]) for b in batches))
     tic = time.perf_counter()
+    todo = []
     for node in student.onnx_graph.node:
         reason = _unsupported(node, student, teacher_tensors, grouped)
-        if reason:
-            if node.op_type == "Conv":
-                report.skipped[node.output[0]] = reason
-            continue
+        if reason is None:
+            todo.append(node)
+        elif node.op_type == "Conv":
+            report.skipped[node.output[0]] = reason
+    todo.sort(key=lambda n: student.run_order(n.output[0]))  # each layer's input after its refitted producers
+    # one lazy forward per batch for all layers (rerunning the model per layer was quadratic in depth)
+    inputs = [student.walk(b, taps=[n.input[0] for n in todo]) for b in batches]
+    targets = [teacher.walk(b, taps=[n.output[0] for n in todo]) for b in batches]
+    for node in todo:
+        pairs = ((x.take(node.input[0]), y.take(node.output[0])) for x, y in zip(inputs, targets))
         target = (prune or {}).get(node.input[1]) if attr(node, "group", 1) == 1 else None
-        layer = _refit(node, student, teacher, batches, removed.get(node.output[0], set()), keep_zeros, damping,
-                       target)
+        layer = _refit(node, student, pairs, removed.get(node.output[0], set()), keep_zeros, damping, target)
+        for _ in pairs:  # a refit that gave up early: still move every walk past this layer
+            pass
         if isinstance(layer, str):
             report.skipped[node.output[0]] = layer
         else:
@@ -155,17 +163,16 @@ def _unfold(x: torch.Tensor, node: onnx.NodeProto, kernel: tuple[int, int], grou
     return cols.reshape(groups, -1, cols.shape[-1])
 
 
-def _refit(node, student: TorchGraph, teacher: TorchGraph, batches, gone: set[int], keep_zeros: bool,
-           damping: float, prune: tuple[int, int] | None = None) -> dict | str:
+def _refit(node, student: TorchGraph, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], gone: set[int],
+           keep_zeros: bool, damping: float, prune: tuple[int, int] | None = None) -> dict | str:
+    """Refit one conv from ``pairs`` (its student input, the teacher's output), one per batch."""
     weight = student.parameter(node.input[1])
     bias = _bias(node, student)
     kernel, groups = tuple(weight.shape[2:]), int(attr(node, "group", 1))
     out = node.output[0]
     gram = cross = None  # (groups, d, d), (groups, C_out / groups, d), d = inputs per group (+1)
     target_energy = 0.0
-    for images in batches:
-        x = student(images, taps=[node.input[0]], only_taps=True)[node.input[0]]
-        y = teacher(images, taps=[out], only_taps=True)[out]
+    for x, y in pairs:
         if gone:
             y = y[:, [c for c in range(y.shape[1]) if c not in gone]]
         if y.shape[1] != weight.shape[0]:
