@@ -7,8 +7,9 @@ l1_norm, round_to 4), 75 % of the 1x1 conv weights zeroed per layer and 80 % in 
 (UnstructurePrune's one-shot masks). Prints the val mIoU (onnxruntime) of each pruned model
 untrained, then after :func:`slimseg.compress.prune.reconstruct.reconstruct_layers` on
 ``--images`` training images (val transforms), and the refit's time. The sparse cases run
-twice: zeros by magnitude then refit, and zeros chosen by OBS inside the refit (same count per
-layer; ``criterion: obs``, the default for one-shot masks).
+three times: zeros by magnitude then refit, zeros chosen by OBS inside the refit (same count per
+layer; ``criterion: obs``, the default for one-shot masks), and the same with every layer on
+SparseGPT's column-by-column masks (what layers over ``obs.GREEDY_BUDGET`` get, e.g. ResNet-50's).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--grouped", action="store_true", help="refit depthwise convs too")
     args = parser.parse_args()
 
+    from slimseg.compress.prune import obs
     from slimseg.compress.prune.channel import prune_channels
     from slimseg.compress.prune.reconstruct import reconstruct_model
     from slimseg.data import build_dataset, calibration_batches, load_dataset_config
@@ -40,6 +42,7 @@ def main() -> None:
     val, train = build_dataset(data, "val"), build_dataset(data, "train")
     batches = calibration_batches(train, val, args.images, 8)
     folded = fold_batchnorm.run(loaded.onnx).model
+    greedy_budget = obs.GREEDY_BUDGET
     print(f"original: val mIoU {evaluate(loaded, val, progress=False).metrics.miou:.4f}")
 
     pruned, report = prune_channels(loaded.onnx, 0.3, criterion="l1_norm", round_to=4)
@@ -48,8 +51,10 @@ def main() -> None:
     for ratio, block in ((0.75, (1, 1)), (0.8, (1, 4))):
         sparse, prune = sparse_by_magnitude(folded, ratio, block)
         what = f"{ratio:.0%} of 1x1 weights" + ("" if block == (1, 1) else f" in {block[0]}x{block[1]} blocks")
-        cases += [(f"{what}, zeros by magnitude", sparse, {}), (f"{what}, zeros by OBS", folded, {"prune": prune})]
+        cases += [(f"{what}, zeros by magnitude", sparse, {}), (f"{what}, zeros by OBS", folded, {"prune": prune}),
+                  (f"{what}, zeros by SparseGPT", folded, {"prune": prune, "greedy_budget": 0.0})]
     for name, model, options in cases:
+        obs.GREEDY_BUDGET = options.pop("greedy_budget", greedy_budget)
         before = "" if "prune" in options else \
             f"{evaluate(model, val, progress=False).metrics.miou:.4f} untrained, "
         tic = time.perf_counter()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from slimseg.compress.prune.masks import magnitude_masks
-from slimseg.compress.prune.obs import allocate, counts_for, obs_mask, pruning_order
+from slimseg.compress.prune.obs import allocate, counts_for, obs_mask, pruning_order, sparsegpt_mask
 
 
 def lstsq_error(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> float:
@@ -108,3 +108,73 @@ def test_existing_zeros_stay_among_the_zeros_whatever_they_cost():
     mask = obs_mask(w, x @ x.t(), 15, zero=zero)
     assert torch.all(mask[:, 0] == 0) and int((mask == 0).sum()) == 15
     assert int((obs_mask(w, x @ x.t(), 2, zero=zero) == 0).sum()) == 5  # never fewer than given
+
+
+def test_a_layer_over_the_greedy_budget_gets_the_one_shot_order(monkeypatch):
+    """Its order is each column's OBS cost of removal alone (w^2 / [H^-1]_qq, summed over a
+    block's rows), which sees correlated inputs as the greedy order's first step does; existing
+    zeros still go first and fixed columns stay."""
+    from slimseg.compress.prune import obs
+
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.standard_normal((6, 6)) @ rng.standard_normal((6, 300)))
+    x[-1] = 1.0
+    gram = x @ x.t()
+    w = torch.from_numpy(rng.standard_normal((4, 6)))
+    zero = torch.zeros(4, 6, dtype=torch.bool)
+    zero[:2, 4] = True
+    greedy_order, greedy_cost = pruning_order(w, gram, damping=0.0, fixed=1, rows_per_block=2, zero=zero)
+    monkeypatch.setattr(obs, "GREEDY_BUDGET", 0.0)
+    order, cost = pruning_order(w, gram, damping=0.0, fixed=1, rows_per_block=2, zero=zero)
+    assert order.shape == cost.shape == (2, 5)
+    hinv = torch.linalg.inv(gram + 1e-12 * torch.eye(6, dtype=torch.float64))
+    alone = (w.reshape(2, 2, 6) ** 2).sum(1)[:, :5] / hinv.diagonal()[:5]
+    assert int(order[0, 0]) == 4 and torch.isneginf(cost[0, 0])       # the forced zero first
+    torch.testing.assert_close(cost[1], alone[1].sort().values)
+    assert torch.equal(order[1], alone[1].argsort())
+    assert torch.equal(order[:, 0], greedy_order[:, 0])               # the greedy order's first step
+    assert not torch.equal(order, greedy_order)                       # but not the same order after
+    assert torch.all(torch.diff(cost[:, 1:], dim=1) >= 0)
+
+
+def test_greedy_order_in_chunks_of_blocks_is_the_same(monkeypatch):
+    from slimseg.compress.prune import obs
+
+    torch.manual_seed(5)
+    x = torch.randn(7, 200, dtype=torch.float64)
+    w = torch.randn(9, 7, dtype=torch.float64)
+    whole = pruning_order(w, x @ x.t(), rows_per_block=2)
+    monkeypatch.setattr(obs, "_CHUNK_BYTES", 2 * 8 * 7 * 7)  # two blocks at a time
+    chunked = pruning_order(w, x @ x.t(), rows_per_block=2)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+
+
+def test_sparsegpt_masks_exact_counts_blocks_forced_and_fixed_columns():
+    torch.manual_seed(6)
+    x = torch.randn(11, 400, dtype=torch.float64)
+    x[-1] = 1.0
+    w = torch.randn(10, 11, dtype=torch.float64)
+    zero = torch.zeros(10, 11, dtype=torch.bool)
+    zero[0:4, 2] = True
+    mask = sparsegpt_mask(w, x @ x.t(), 17, rows_per_block=4, fixed=1, zero=zero, columns=3)
+    assert torch.equal(mask[0:4], mask[0:1].expand(4, 11)) and torch.equal(mask[8:10], mask[8:9].expand(2, 11))
+    assert int((mask[[0, 4, 8]] == 0).sum()) == 17
+    assert torch.all(mask[:, -1] == 1) and torch.all(mask[0:4, 2] == 0)
+
+
+def test_sparsegpt_finds_the_input_another_one_repeats_and_routes_wide_layers(monkeypatch):
+    """Column by column with the error pushed onward, a repeated input costs nothing to drop
+    where magnitude drops a needed one; obs_mask hands layers over the greedy budget to it."""
+    from slimseg.compress.prune import obs
+
+    rng = np.random.default_rng(0)
+    base = torch.from_numpy(rng.standard_normal((3, 500)))
+    x = torch.cat([base, base[:1]])
+    w = torch.tensor([[1.0, 0.4, 0.5, 1.0]], dtype=torch.float64)
+    mask = sparsegpt_mask(w, x @ x.t(), 1, damping=0.0)
+    assert lstsq_error(x, w @ x, mask.bool()) < 1e-6
+    monkeypatch.setattr(obs, "GREEDY_BUDGET", 0.0)
+    torch.manual_seed(7)
+    x = torch.randn(9, 300, dtype=torch.float64)
+    w = torch.randn(5, 9, dtype=torch.float64)
+    assert torch.equal(obs_mask(w, x @ x.t(), 20), sparsegpt_mask(w, x @ x.t(), 20))
