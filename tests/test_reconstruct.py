@@ -62,6 +62,24 @@ def test_sparse_weights_move_toward_the_teacher_and_zeros_stay():
     assert report.images == 64
 
 
+def test_rows_sharing_a_support_get_the_same_fit_as_whole_rows():
+    """One weight zeroed in one row: that row keeps its zero, and every other row (solved
+    together, as one support) gets exactly what the unconstrained refit gives it."""
+    model, _ = tiny_net()
+    batches = [images(16, seed=s) for s in range(2)]
+    fits = {}
+    for keep_zeros in (True, False):
+        student = TorchGraph(model)
+        name = next(n for n in student.onnx_parameter_names if tuple(student.parameter(n).shape) == (24, 16, 1, 1))
+        with torch.no_grad():
+            student.parameter(name)[0, 0] = 0.0
+        reconstruct_layers(student, model, batches, keep_zeros=keep_zeros)
+        fits[keep_zeros] = student.parameter(name).detach().clone()
+    assert fits[True][0, 0] == 0 and fits[False][0, 0] != 0
+    torch.testing.assert_close(fits[True][1:], fits[False][1:], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(fits[True][0], fits[False][0])
+
+
 def test_keep_zeros_false_may_fill_them():
     model, _ = tiny_net()
     sparse, _ = zero_smallest(model, 0.75, params_type="conv1x1_only")
@@ -99,6 +117,23 @@ def test_tensors_the_teacher_lacks_are_skipped_with_a_reason():
     result = reconstruct_layers(student, unrelated, [images(4, seed=0)], grouped=True)
     assert not result.layers
     assert set(result.skipped.values()) == {"the teacher has no tensor of that name"}
+
+
+def test_convs_too_wide_to_refit_are_skipped_and_keep_their_weights(monkeypatch):
+    """A conv with more inputs per output channel than MAX_REFIT_INPUTS (here the first 3x3
+    conv: 27) is left as it is, with the reason, and is not offered to OBS."""
+    from slimseg.compress.prune import reconstruct
+
+    monkeypatch.setattr(reconstruct, "MAX_REFIT_INPUTS", 20)
+    model, _ = tiny_net()
+    student = TorchGraph(model)
+    wide = next(n for n in student.onnx_graph.node if n.op_type == "Conv" and n.input[0] == "x")
+    before = student.parameter(wide.input[1]).detach().clone()
+    result = reconstruct_layers(student, model, [images(4, seed=0)])
+    assert "too wide to refit (27 inputs" in result.skipped[wide.output[0]]
+    assert torch.equal(student.parameter(wide.input[1]).detach(), before)
+    assert reconstruct.refittable(student, [wide.input[1]]) == {}
+    assert result.layers  # the 16-input 1x1 conv is still refitted
 
 
 def test_no_batches_is_an_error():

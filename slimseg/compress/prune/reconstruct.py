@@ -44,6 +44,11 @@ from slimseg.model.torch_graph import TorchGraph
 
 RECONSTRUCT_IMAGES = 64  # training images (val transforms) the refits are fitted on, by the stages
 RECONSTRUCT_BATCH = 8
+# Inputs per output channel (C_in / group * kh * kw) above which a conv is not refitted: its
+# d x d float64 system is held a few times over (a 3x3 conv on 2048 channels, in DeepLabv3's
+# ASPP, would need ~15 GB); 9 x 512 = 4608 needs ~0.5 GB. Such convs keep their weights, and a
+# sparsity mask on them is chosen by magnitude.
+MAX_REFIT_INPUTS = 4608
 
 
 @dataclass
@@ -143,8 +148,11 @@ def _unsupported(node: onnx.NodeProto, student: TorchGraph, teacher_tensors: set
     names = student.onnx_parameter_names
     if len(node.input) < 2 or node.input[1] not in names:
         return "its weight is not a parameter"
-    if student.parameter(node.input[1]).dim() != 4:
+    weight = student.parameter(node.input[1])
+    if weight.dim() != 4:
         return "not a 2-D convolution"
+    if weight[0].numel() > MAX_REFIT_INPUTS:
+        return f"too wide to refit ({weight[0].numel()} inputs per output channel, at most {MAX_REFIT_INPUTS})"
     return None
 
 
@@ -190,9 +198,11 @@ def _refit(node, student: TorchGraph, pairs: Iterable[tuple[torch.Tensor, torch.
     if bias is not None:
         w0 = torch.cat([w0, bias.detach().double().reshape(groups, -1, 1)], 2)
     inputs = gram.shape[-1] - (1 if bias is not None else 0)
-    ridge = torch.zeros_like(gram)
-    ridge.diagonal(dim1=1, dim2=2)[:, :inputs] = damping * float(gram.diagonal(dim1=1, dim2=2)[:, :inputs].mean())
-    lhs, rhs = gram + ridge, cross + w0 @ ridge
+    ridge = torch.zeros(gram.shape[-1], dtype=gram.dtype)  # D's diagonal (nothing on the bias)
+    ridge[:inputs] = damping * float(gram.diagonal(dim1=1, dim2=2)[:, :inputs].mean())
+    lhs = gram.clone()
+    lhs.diagonal(dim1=1, dim2=2).add_(ridge)
+    rhs = cross + w0 * ridge
     mask, current = None, w0
     if prune is not None:  # groups == 1: choose the zeros on the dense solution, by OBS
         dense = torch.linalg.solve(lhs[0], rhs[0].t()).t()
@@ -202,7 +212,7 @@ def _refit(node, student: TorchGraph, pairs: Iterable[tuple[torch.Tensor, torch.
         mask = obs_mask(dense, gram[0], prune[0], rows_per_block=prune[1], fixed=fixed, damping=damping, zero=zero)
         w0 = current * mask  # the ridge pulls toward the original weights that stay (0.7739 vs
         # 0.7688 val mIoU toward the dense solution's, PP-HumanSeg-Lite at 75 %)
-        rhs = cross + w0 @ ridge
+        rhs = cross + w0 * ridge
     support = w0 != 0 if keep_zeros else torch.ones_like(w0, dtype=torch.bool)
     if mask is not None:
         support = mask[None].bool()
@@ -212,9 +222,12 @@ def _refit(node, student: TorchGraph, pairs: Iterable[tuple[torch.Tensor, torch.
         new = torch.linalg.solve(lhs, rhs.transpose(1, 2)).transpose(1, 2)
     else:
         new = torch.zeros_like(w0)
-        for grp, row in support.any(-1).nonzero().tolist():
-            s = support[grp, row].nonzero().flatten()
-            new[grp, row, s] = torch.linalg.solve(lhs[grp][s][:, s], rhs[grp, row, s])
+        for grp in range(support.shape[0]):  # one solve per distinct support (rows left whole share one)
+            patterns, which = torch.unique(support[grp], dim=0, return_inverse=True)
+            for k, pattern in enumerate(patterns):
+                s, rows = pattern.nonzero().flatten(), (which == k).nonzero().flatten()
+                if len(s):
+                    new[grp, rows[:, None], s] = torch.linalg.solve(lhs[grp][s][:, s], rhs[grp][rows][:, s].t()).t()
 
     def error(w: torch.Tensor) -> float:  # ||W X - Y||^2 = tr(W G W^T) - 2 tr(W C^T) + ||Y||^2
         value = float(((w @ gram) * w).sum() - 2 * (w * cross).sum()) + target_energy
