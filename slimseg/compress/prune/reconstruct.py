@@ -82,6 +82,9 @@ def reconstruct_layers(student: TorchGraph, teacher: TorchGraph | onnx.ModelProt
     number of weights (or blocks of ``rows_per_block`` output channels at one input position)
     to zero in that group-1 conv by OBS before its refit; the keep-masks are in
     ``report.masks``. Returns what was refitted and how much the output error fell.
+    Each batch's forward runs once, lazily (:meth:`TorchGraph.walk`), so the live tensors of
+    every batch are held at once: on PP-HumanSeg-Lite, 8 batches of 8 at 192x192, peak memory
+    621 -> 891 MB against rerunning the model per layer, and 108 -> 8.6 s.
     """
     if not batches:
         raise ValueError("reconstruction needs at least one calibration batch")
