@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from slimseg.compress.prune.masks import magnitude_masks
-from slimseg.compress.prune.obs import allocate, counts_for, obs_mask, pruning_order, sparsegpt_mask
+from slimseg.compress.prune.obs import (allocate, counts_for, obs_mask, pruning_order, sparsegpt_mask,
+                                        sparsegpt_nm_mask)
 
 
 def lstsq_error(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> float:
@@ -178,3 +179,24 @@ def test_sparsegpt_finds_the_input_another_one_repeats_and_routes_wide_layers(mo
     x = torch.randn(9, 300, dtype=torch.float64)
     w = torch.randn(5, 9, dtype=torch.float64)
     assert torch.equal(obs_mask(w, x @ x.t(), 20), sparsegpt_mask(w, x @ x.t(), 20))
+
+
+def test_sparsegpt_2_4_keeps_2_of_every_4_channels_at_each_kernel_position():
+    """A 3x3 layout (columns channel-major, as the refit unfolds) plus a bias column: every row
+    keeps exactly 2 of each 4 channels at every kernel position, and where a channel repeats
+    another the pattern costs less than magnitude's."""
+    from slimseg.compress.prune.masks import nm_mask
+
+    rng = np.random.default_rng(8)
+    channels, kernel = 8, 9
+    x = torch.from_numpy(rng.standard_normal((channels * kernel + 1, 600)))
+    x[kernel:2 * kernel] = x[:kernel]                  # channel 1 repeats channel 0 at every position
+    x[-1] = 1.0
+    w = torch.from_numpy(rng.standard_normal((5, channels * kernel + 1)))
+    y = w @ x
+    mask = sparsegpt_nm_mask(w, x @ x.t(), 2, 4, kernel=kernel, fixed=1, damping=0.0)
+    grouped = mask[:, :-1].reshape(5, channels // 4, 4, kernel)
+    assert torch.all(grouped.sum(2) == 2) and torch.all(mask[:, -1] == 1)
+    magnitude = torch.cat([nm_mask(w[:, :-1].reshape(5, channels, 3, 3)).reshape(5, -1),
+                           torch.ones(5, 1, dtype=w.dtype)], 1)
+    assert lstsq_error(x, y, mask.bool()) < lstsq_error(x, y, magnitude.bool())

@@ -302,9 +302,9 @@ def test_sparsify_end_to_end_on_a_tiny_model(tmp_path):
     assert not any(line.startswith("reconstructed") for line in lines) and "reconstruction" not in summary
 
 
-def tiny_one_shot(tmp_path, section: dict) -> tuple[dict, list[str]]:
-    """One-shot ``UnstructurePrune`` ``section`` on a tiny seg net with one training iteration
-    at a negligible lr (the masks and refit are what is looked at): ``(summary, log lines)``."""
+def tiny_one_shot(tmp_path, section: dict, kind: str = "UnstructurePrune") -> tuple[dict, list[str]]:
+    """One-shot ``kind`` ``section`` on a tiny seg net with one training iteration at a
+    negligible lr (the masks and refit are what is looked at): ``(summary, log lines)``."""
     from slimseg.compress.prune.stage import sparsify
     from slimseg.data import build_dataset
     from slimseg.demo import TinySegNet, make_synthetic_dataset
@@ -314,10 +314,11 @@ def tiny_one_shot(tmp_path, section: dict) -> tuple[dict, list[str]]:
     torch.manual_seed(0)
     loaded = load_model(TinySegNet(width=8), input_shape=(1, 3, 16, 16))
     strategy = load_strategy_config({
-        "UnstructurePrune": section,
+        kind: section,
         "TrainConfig": {"train_iter": 1, "eval_iter": 1, "batch_size": 4, "learning_rate": 1e-9}})
     lines: list[str] = []
-    _, summary = sparsify(loaded, strategy.unstructure_prune, strategy=strategy,
+    config = strategy.unstructure_prune if kind == "UnstructurePrune" else strategy.asp_prune
+    _, summary = sparsify(loaded, config, strategy=strategy,
                           train_set=build_dataset(data, "train"), val_set=build_dataset(data, "val"),
                           progress=False, say=lines.append)
     return summary, lines
@@ -373,3 +374,20 @@ def test_obs_leaves_grouped_convs_to_magnitude_masks(tmp_path):
     summary, lines = tiny_one_shot(tmp_path, {"ratio": 0.5, "local_sparsity": True, "prune_params_type": None})
     assert any("the rest by magnitude" in line for line in lines)
     assert all(r["sparsity"] == pytest.approx(0.5, abs=0.05) for r in summary["layers"])
+
+
+@pytest.mark.parametrize("criterion", [None, "magnitude"])
+def test_asp_refit_chooses_the_2_4_patterns_by_sparsegpt_by_default(tmp_path, criterion):
+    section = {} if criterion is None else {"criterion": criterion}
+    summary, lines = tiny_one_shot(tmp_path, section, kind="ASPPrune")
+    by_obs = any("chosen by OBS" in line for line in lines)
+    assert by_obs is (criterion is None)
+    masked = [x for x in summary["reconstruction"]["layers"] if "zeros" in x]
+    assert bool(masked) is by_obs
+    assert summary["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_asp_criterion_obs_needs_the_refit():
+    with pytest.raises(ConfigError, match="reconstruct is off"):
+        ASPPrune(criterion="obs", reconstruct=False)
+    assert ASPPrune().uses_obs and not ASPPrune(reconstruct=False).uses_obs

@@ -31,6 +31,8 @@ against 0.7802 with 75 % in every layer.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -40,6 +42,14 @@ import torch
 # widest 1x1 conv, 64 x 145, is 5x under and took 1-6 s here).
 GREEDY_BUDGET = 1e9
 _CHUNK_BYTES = 1 << 28  # H^-1 copies held at once by the greedy order (blocks of rows at a time)
+
+
+@dataclass(frozen=True)
+class NM:
+    """An N:M target (ASPPrune's 2:4) for the refit's ``prune``: :func:`sparsegpt_nm_mask`."""
+
+    n: int = 2
+    m: int = 4
 
 
 def pruning_order(weight: torch.Tensor, gram: torch.Tensor, *, rows_per_block: int = 1, fixed: int = 0,
@@ -158,33 +168,70 @@ def sparsegpt_mask(weight: torch.Tensor, gram: torch.Tensor, zeros: int, *, rows
     before it. ``O(d^3 + R d^2)`` instead of ``O(R d^3)``. Zeros are spread over the slices in
     proportion to their width; existing ``zero`` weights are among them."""
     w, h, forced, b = _layer(weight, gram, rows_per_block, fixed, damping, zero)
-    blocks, rows, d = forced.shape[0], weight.shape[0], h.shape[0]
-    prunable = d - fixed
+    blocks, prunable = forced.shape[0], h.shape[0] - fixed
+    zeros = max(int(zeros), int(forced.sum()))
+    done = 0
+
+    def cut(start: int, stop: int, score: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        score[forced[:, start:stop]] = float("-inf")
+        wanted = max(round(zeros * stop / prunable) - done, int(forced[:, start:stop].sum()))
+        chosen = torch.zeros(score.numel(), dtype=torch.bool)
+        chosen[torch.argsort(score.reshape(-1), stable=True)[:min(wanted, score.numel())]] = True
+        done += int(chosen.sum())
+        return chosen.reshape(blocks, -1)
+
+    keep = _sparsegpt_pass(w, h, b, prunable, columns, cut)
+    return keep.repeat_interleave(b, 0)[:weight.shape[0]].to(weight.dtype)
+
+
+def sparsegpt_nm_mask(weight: torch.Tensor, gram: torch.Tensor, n: int = 2, m: int = 4, *, kernel: int = 1,
+                      fixed: int = 0, damping: float = 0.01) -> torch.Tensor:
+    """N:M keep-mask (``n`` kept of every ``m`` input channels at one kernel position, as
+    :func:`slimseg.compress.prune.masks.nm_mask`) chosen by SparseGPT: group by group, each row
+    drops the ``m - n`` weights with the lowest ``w^2 / U_qq^2`` after the updates from the
+    groups before. ``weight`` is ``R x (C * kernel [+ fixed])``, columns channel-major as the
+    refit unfolds a conv; the columns are visited group by group."""
+    w, h, _, _ = _layer(weight, gram, 1, fixed, damping, None)
+    prunable = h.shape[0] - fixed
+    if prunable % (m * kernel):
+        raise ValueError(f"{n}:{m} needs input channels divisible by {m}, got {prunable // kernel}")
+    order = torch.arange(prunable).reshape(-1, m, kernel).transpose(1, 2).reshape(-1)  # group, position, member
+    order = torch.cat([order, torch.arange(prunable, h.shape[0])])
+    w, h = w[:, order], h[order][:, order]
+
+    def cut(start: int, stop: int, score: torch.Tensor) -> torch.Tensor:
+        chosen = torch.zeros_like(score, dtype=torch.bool)
+        return chosen.scatter_(1, score.topk(m - n, dim=1, largest=False).indices, True)
+
+    keep = _sparsegpt_pass(w, h, 1, prunable, m, cut)
+    out = torch.empty_like(keep)
+    out[:, order] = keep
+    return out[:weight.shape[0]].to(weight.dtype)
+
+
+def _sparsegpt_pass(w: torch.Tensor, h: torch.Tensor, b: int, prunable: int, columns: int, cut) -> torch.Tensor:
+    """SparseGPT's left-to-right pass over ``w`` (blocks of ``b`` rows, updated in place) with
+    ``cut(start, stop, score)`` choosing each slice's zero blocks from its scores; the keep-mask
+    per block."""
+    blocks = w.shape[0] // b
     h.diagonal().add_(1e-12 * float(h.diagonal().abs().max()))  # Cholesky needs H strictly positive
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    zeros = max(int(zeros), int(forced.sum()))
-    keep = torch.ones(blocks, d, dtype=weight.dtype)
-    done = 0
+    keep = torch.ones(blocks, h.shape[0], dtype=torch.float64)
     for start in range(0, prunable, columns):
         stop = min(start + columns, prunable)
         u1 = u[start:stop, start:stop]
-        score = (w[:, start:stop] ** 2).reshape(blocks, b, -1).sum(1) / u1.diagonal() ** 2
-        score[forced[:, start:stop]] = float("-inf")
-        wanted = max(round(zeros * stop / prunable) - done, int(forced[:, start:stop].sum()))
-        cut = torch.zeros(score.numel(), dtype=torch.bool)
-        cut[torch.argsort(score.reshape(-1), stable=True)[:min(wanted, score.numel())]] = True
-        cut = cut.reshape(blocks, -1)
-        done += int(cut.sum())
-        keep[:, start:stop][cut] = 0
-        cut_rows = cut.repeat_interleave(b, 0)
-        err = torch.zeros(blocks * b, stop - start, dtype=torch.float64)
+        chosen = cut(start, stop, (w[:, start:stop] ** 2).reshape(blocks, b, -1).sum(1) / u1.diagonal() ** 2)
+        keep[:, start:stop][chosen] = 0
+        cut_rows = chosen.repeat_interleave(b, 0)
+        err = torch.zeros(w.shape[0], stop - start, dtype=torch.float64)
         for i in range(stop - start):
             col = w[:, start + i]
             e = torch.where(cut_rows[:, i], col, torch.zeros_like(col)) / u1[i, i]
             w[:, start + i:stop] -= e[:, None] * u1[i, i:][None, :]
             err[:, i] = e
         w[:, stop:] -= err @ u[start:stop, stop:]
-    return keep.repeat_interleave(b, 0)[:rows]
+    return keep
 
 
 def allocate(costs: dict[str, torch.Tensor], total: int) -> dict[str, int]:

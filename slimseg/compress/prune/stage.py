@@ -229,13 +229,16 @@ def _obs_targets(sparsifier, ratio, student, batches):
     OBS costs relative to each layer's output energy, on the dense model
     (:func:`slimseg.compress.prune.obs.allocate`)."""
     from slimseg.compress.prune.masks import zero_blocks
-    from slimseg.compress.prune.obs import allocate, pruning_order
+    from slimseg.compress.prune.obs import NM, allocate, pruning_order
     from slimseg.compress.prune.reconstruct import layer_systems, refittable
 
     config = sparsifier.policy.config
-    rows_per_block = int(config.block[1])
     weights = {n: p.detach() for n, p in sparsifier.params.items()}
     magnitude = sparsifier.policy.masks(weights, ratio)
+    if not hasattr(config, "block"):  # ASPPrune: each refitted conv's N:M pattern by SparseGPT
+        pattern = NM(sparsifier.policy.N, sparsifier.policy.M)
+        return {name: pattern for name in refittable(student, list(magnitude))}, magnitude
+    rows_per_block = int(config.block[1])
     targets = {name: (zero_blocks(magnitude[name], rows_per_block), rows_per_block)
                for name in refittable(student, list(magnitude))}
     if config.local_sparsity:
@@ -251,7 +254,7 @@ def _obs_targets(sparsifier, ratio, student, batches):
 
 def _describe(config) -> str:
     if not hasattr(config, "prune_mode"):
-        return "2:4 along input channels"
+        return "2:4 along input channels" + (", patterns chosen by SparseGPT" if config.uses_obs else "")
     c = config
     what = f"ratio {c.ratio}" if c.prune_mode == "ratio" else f"|w| < {c.threshold}"
     scope = "per layer" if c.local_sparsity else "global"
