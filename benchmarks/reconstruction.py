@@ -10,6 +10,8 @@ untrained, then after :func:`slimseg.compress.prune.reconstruct.reconstruct_laye
 three times: zeros by magnitude then refit, zeros chosen by OBS inside the refit (same count per
 layer; ``criterion: obs``, the default for one-shot masks), and the same with every layer on
 SparseGPT's column-by-column masks (what layers over ``obs.GREEDY_BUDGET`` get, e.g. ResNet-50's).
+Last, ASPPrune's 2:4 on every eligible conv: magnitude patterns then refit, and patterns chosen
+by SparseGPT inside the refit (``criterion: obs``, the default).
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ def main() -> None:
         what = f"{ratio:.0%} of 1x1 weights" + ("" if block == (1, 1) else f" in {block[0]}x{block[1]} blocks")
         cases += [(f"{what}, zeros by magnitude", sparse, {}), (f"{what}, zeros by OBS", folded, {"prune": prune}),
                   (f"{what}, zeros by SparseGPT", folded, {"prune": prune, "greedy_budget": 0.0})]
+    nm_model, nm_prune = nm_by_magnitude(folded)
+    cases += [("2:4 of the eligible convs, patterns by magnitude", nm_model, {}),
+              ("2:4 of the eligible convs, patterns by SparseGPT", folded, {"prune": nm_prune})]
     for name, model, options in cases:
         obs.GREEDY_BUDGET = options.pop("greedy_budget", greedy_budget)
         before = "" if "prune" in options else \
@@ -83,6 +88,25 @@ def sparse_by_magnitude(folded, ratio: float, block: tuple[int, int]):
         inits[name].CopyFrom(numpy_helper.from_array((weights[name] * mask).numpy(), name))
         prune[name] = (zero_blocks(mask, block[1]), block[1])
     return model, prune
+
+
+def nm_by_magnitude(folded):
+    """The model with ASPPrune's magnitude 2:4 masks on every eligible weight, and the same
+    weights as ``reconstruct_layers(prune=...)`` N:M targets."""
+    import torch
+    from onnx import numpy_helper
+
+    from slimseg.compress.prune.masks import eligible_weights, nm_mask
+    from slimseg.compress.prune.obs import NM
+    from slimseg.model.passes._graph import copy_model
+
+    model = copy_model(folded)
+    names = {w.name for w in eligible_weights(model, nm=(2, 4))}
+    for init in model.graph.initializer:
+        if init.name in names:
+            weight = torch.from_numpy(numpy_helper.to_array(init).copy())
+            init.CopyFrom(numpy_helper.from_array((weight * nm_mask(weight)).numpy(), init.name))
+    return model, {name: NM(2, 4) for name in names}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ Every group-1 2-D conv whose output tensor exists in the teacher is refitted; wi
 named there, the layer's dense least-squares solution is pruned by Optimal Brain Surgeon
 (:mod:`slimseg.compress.prune.obs`) to the given number of zeros, with the same statistics,
 and then refitted on what is left. With ``keep_zeros`` the weight's existing zeros are among
-them (a mask grows, it is not redrawn).
+them (a mask grows, it is not redrawn). An :class:`~slimseg.compress.prune.obs.NM` target gets
+a fresh N:M pattern chosen by SparseGPT (ASPPrune's 2:4).
 """
 from __future__ import annotations
 

@@ -227,7 +227,7 @@ def _obs_targets(sparsifier, ratio, student, batches):
     magnitude masks at ``ratio``. Per layer (``local_sparsity``): the count the magnitude mask
     has. Global: the magnitude masks' total, split among the weights by their
     OBS costs relative to each layer's output energy, on the dense model
-    (:func:`slimseg.compress.prune.obs.allocate`)."""
+    (:func:`slimseg.compress.prune.obs.allocate`). ASPPrune: an N:M pattern per refitted conv."""
     from slimseg.compress.prune.masks import zero_blocks
     from slimseg.compress.prune.obs import NM, allocate, pruning_order
     from slimseg.compress.prune.reconstruct import layer_systems, refittable
