@@ -195,19 +195,12 @@ class TorchGraph(nn.Module):
         just the nodes the taps need and returns only them (a partial forward)."""
         wanted = self.taps if taps is None else tuple(self._check_taps(taps))
         env = self._environment(inputs)
-        align = any(t.device.type != "cpu" for t in inputs if isinstance(t, torch.Tensor))
+        align = _off_host(inputs)
+        plan = self._plan(frozenset(wanted), outputs=not only_taps)
+        for index in range(len(plan.steps)):
+            self._run_planned(plan, index, env, align)
         if only_taps:
-            plan = self._plan(frozenset(wanted), outputs=False)
-            for step, free in zip(plan.steps, plan.free):
-                self._run(step, env, align)
-                for name in free:
-                    env.pop(name, None)
             return {name: env[name] for name in wanted}
-        plan = self._plan(frozenset(wanted))
-        for step, free in zip(plan.steps, plan.free):
-            self._run(step, env, align)
-            for name in free:
-                env.pop(name, None)
         if wanted:
             return {name: env[name] for name in (*self.output_names, *wanted)}
         outs = tuple(env[name] for name in self.output_names)
@@ -253,6 +246,12 @@ class TorchGraph(nn.Module):
         key = self._hooked.get(name)
         if key is not None:
             env[name] = self.tensor_hooks[key](env[name])
+
+    def _run_planned(self, plan: _Plan, index: int, env: dict[str, torch.Tensor], align: bool) -> None:
+        """Step ``index`` of ``plan``, then drop the tensors nothing after it reads."""
+        self._run(plan.steps[index], env, align)
+        for name in plan.free[index]:
+            env.pop(name, None)
 
     def _run(self, step: _Step, env: dict[str, torch.Tensor], align: bool) -> None:
         args = [env[n] if n else None for n in step.inputs]
@@ -326,7 +325,7 @@ class GraphWalk:
     def __init__(self, graph: TorchGraph, inputs: Sequence[torch.Tensor], taps: Sequence[str]):
         self._graph = graph
         self._env = graph._environment(inputs)
-        self._align = any(t.device.type != "cpu" for t in inputs if isinstance(t, torch.Tensor))
+        self._align = _off_host(inputs)
         self._plan = graph._plan(frozenset(taps), outputs=False)
         self._next = 0
         self._pending: dict[str, int] = {}
@@ -343,9 +342,7 @@ class GraphWalk:
             if self._next == len(steps):  # not expected: the plan produces every tap
                 raise SlimsegError(f"the walk ran every step without producing {name!r}")
             index = self._next
-            self._graph._run(steps[index], self._env, self._align)
-            for gone in self._plan.free[index]:
-                self._env.pop(gone, None)
+            self._graph._run_planned(self._plan, index, self._env, self._align)
             self._next += 1
             for read in steps[index].inputs:
                 self._release(read)
@@ -360,6 +357,11 @@ class GraphWalk:
 
 
 # ---- helpers --------------------------------------------------------------------------
+def _off_host(inputs: Sequence[Any]) -> bool:
+    """Whether any input lives off the CPU, so host-side constants must follow it."""
+    return any(t.device.type != "cpu" for t in inputs if isinstance(t, torch.Tensor))
+
+
 def _default_opset(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
