@@ -66,11 +66,16 @@ def pruning_order(weight: torch.Tensor, gram: torch.Tensor, *, rows_per_block: i
     blocks, d, prunable = forced.shape[0], h.shape[0], h.shape[0] - fixed
     w = w.reshape(blocks, b, d)
     hinv = torch.linalg.inv(h)
-    if blocks * float(d) ** 3 > GREEDY_BUDGET:
+    if not _greedy_affordable(weight.shape[0], b, d):
         return one_shot_order(w, hinv, prunable, forced)
     chunk = max(1, _CHUNK_BYTES // (8 * d * d))
     parts = [_greedy_order(w[i:i + chunk], hinv, prunable, forced[i:i + chunk]) for i in range(0, blocks, chunk)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _greedy_affordable(rows: int, rows_per_block: int, d: int) -> bool:
+    """Whether a layer's greedy order fits :data:`GREEDY_BUDGET` (``blocks * d^3``)."""
+    return -(-rows // max(1, int(rows_per_block))) * float(d) ** 3 <= GREEDY_BUDGET
 
 
 def _layer(weight, gram, rows_per_block, fixed, damping, zero):
@@ -145,8 +150,7 @@ def obs_mask(weight: torch.Tensor, gram: torch.Tensor, zeros: int, *, rows_per_b
     ``d - fixed`` columns of ``weight`` (``R x d``) chosen by :func:`pruning_order`; those in
     ``zero`` are among them. A layer over :data:`GREEDY_BUDGET` gets :func:`sparsegpt_mask`."""
     b = max(1, int(rows_per_block))
-    d = weight.shape[1]
-    if -(-weight.shape[0] // b) * float(d) ** 3 > GREEDY_BUDGET:
+    if not _greedy_affordable(weight.shape[0], b, weight.shape[1]):
         return sparsegpt_mask(weight, gram, zeros, rows_per_block=b, fixed=fixed, damping=damping, zero=zero)
     order, cost = pruning_order(weight, gram, rows_per_block=rows_per_block, fixed=fixed, damping=damping,
                                 zero=zero)

@@ -211,20 +211,22 @@ def _refit(node, student: TorchGraph, pairs: Iterable[tuple[torch.Tensor, torch.
     if prune is not None:  # groups == 1: choose the zeros on the dense solution, by OBS
         dense = torch.linalg.solve(lhs[0], rhs[0].t()).t()
         fixed = 1 if bias is not None else 0
-        zero = torch.cat([current[0, :, :inputs] == 0, current.new_zeros(current.shape[1], fixed, dtype=torch.bool)],
-                         1) if keep_zeros else None
         if isinstance(prune, NM):  # a fresh N:M pattern (existing zeros are not kept)
             mask = sparsegpt_nm_mask(dense, gram[0], prune.n, prune.m, kernel=kernel[0] * kernel[1], fixed=fixed,
                                      damping=damping)
         else:
+            zero = current[0] == 0 if keep_zeros else None
+            if zero is not None:
+                zero[:, inputs:] = False  # the bias column
             mask = obs_mask(dense, gram[0], prune[0], rows_per_block=prune[1], fixed=fixed, damping=damping,
                             zero=zero)
         w0 = current * mask  # the ridge pulls toward the original weights that stay (0.7739 vs
         # 0.7688 val mIoU toward the dense solution's, PP-HumanSeg-Lite at 75 %)
         rhs = cross + w0 * ridge
-    support = w0 != 0 if keep_zeros else torch.ones_like(w0, dtype=torch.bool)
     if mask is not None:
         support = mask[None].bool()
+    else:
+        support = w0 != 0 if keep_zeros else torch.ones_like(w0, dtype=torch.bool)
     if bias is not None:
         support[..., -1] = True
     if bool(support.all()):
@@ -309,11 +311,11 @@ def _magnitude_keep(weight: torch.Tensor, prune: tuple[int, int] | NM, biased: b
     from slimseg.compress.prune.masks import magnitude_masks, nm_mask
 
     if isinstance(prune, NM):
-        keep = nm_mask(weight.detach(), prune.n, prune.m).reshape(1, weight.shape[0], -1).double()
-        return torch.cat([keep, keep.new_ones(1, weight.shape[0], 1)], 2) if biased else keep
-    zeros, rows = prune
-    units = (-(-weight.shape[0] // rows)) * weight[0].numel()
-    keep = magnitude_masks({"w": weight.detach()}, zeros / units, local=True, block=(1, rows))["w"]
+        keep = nm_mask(weight.detach(), prune.n, prune.m)
+    else:
+        zeros, rows = prune
+        units = (-(-weight.shape[0] // rows)) * weight[0].numel()
+        keep = magnitude_masks({"w": weight.detach()}, zeros / units, local=True, block=(1, rows))["w"]
     keep = keep.reshape(1, weight.shape[0], -1).double()
     return torch.cat([keep, keep.new_ones(1, weight.shape[0], 1)], 2) if biased else keep
 
