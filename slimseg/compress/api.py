@@ -70,6 +70,7 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
     from slimseg.data import DatasetConfig, build_dataset, load_dataset_config
     from slimseg.evaluate import evaluate
     from slimseg.io import save_onnx
+    from slimseg.model.batching import fixed_batch
     from slimseg.model.importers import load_model
     from slimseg.model.torch_graph import check_supported
     from slimseg.train import peak_rss_mb
@@ -101,6 +102,10 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
         say = _log_to_files(log_fn or log.info, work, ckpt, ctx.is_main)
         say(f"model {loaded.source}: {val.spec.num_classes} classes, val set {len(val)} images"
             + (f"; resuming from {ckpt.folder}" if ckpt.resumed else ""))
+        batch = fixed_batch(loaded.onnx)
+        if batch is not None:
+            say(f"the model's batch size is fixed to {batch}: larger batches run {batch} image(s) at a time "
+                "(slower; re-export with a dynamic batch dimension to train faster)")
         if ctx.is_main:  # only rank 0 evaluates
             baseline = evaluate(loaded, val, progress=progress)
             say(f"baseline val mIoU {baseline.metrics.miou:.4f} (onnxruntime, FP32)")

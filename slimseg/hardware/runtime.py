@@ -15,6 +15,7 @@ import onnx
 
 from slimseg.errors import (ConfigError, DataError, MissingDependencyError, ModelLoadError, SlimsegError,
                             did_you_mean)
+from slimseg.model.batching import run_sliced
 
 ModelLike = onnx.ModelProto | str | Path
 
@@ -113,6 +114,7 @@ class OrtRuntime:
         self.optimization = optimization
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.fixed_batch = _common_first_dim([i.shape for i in self.session.get_inputs()])
 
     @staticmethod
     def _options(ort, threads: int, optimization: str, profile: bool):
@@ -140,7 +142,14 @@ class OrtRuntime:
         return str(path)
 
     def run(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Outputs for ``inputs``; a model with a fixed batch size runs a larger batch in slices."""
         feeds = feed_dict(inputs, self.input_names)
+        names = list(feeds)
+        sliced = run_sliced(lambda xs: self._run(dict(zip(names, xs))), [feeds[n] for n in names],
+                            self.fixed_batch)
+        return sliced if sliced is not None else self._run(feeds)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
             return self.session.run(self.output_names, feeds)
         except Exception as err:
@@ -182,10 +191,25 @@ class OpenVinoRuntime:
         self.request = self.compiled.create_infer_request()
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
         self.output_names = [p.get_any_name() for p in self.compiled.outputs]
+        shapes = [p.get_partial_shape() for p in self.compiled.inputs]
+        self.fixed_batch = _common_first_dim([[s[0].get_length() if s.rank.is_static and len(s) and s[0].is_static
+                                               else None] for s in shapes])
         # what the plugin actually chose: f16 falls back to f32 on CPUs without it, for example
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
     def run(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
         feeds = feed_dict(inputs, self.input_names)
+        names = list(feeds)
+        sliced = run_sliced(lambda xs: self._run(dict(zip(names, xs))), [feeds[n] for n in names],
+                            self.fixed_batch)
+        return sliced if sliced is not None else self._run(feeds)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.request.infer(feeds)
         return [np.asarray(result[port]) for port in self.compiled.outputs]
+
+
+def _common_first_dim(shapes: list) -> int | None:
+    """The first dimension all inputs share when it is fixed (see slimseg.model.batching)."""
+    firsts = {shape[0] if len(shape) and isinstance(shape[0], int) and shape[0] > 0 else None for shape in shapes}
+    return firsts.pop() if len(firsts) == 1 else None

@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 
 from slimseg.errors import ModelLoadError, SlimsegError, UnsupportedOpError, did_you_mean
 from slimseg.model import ops
+from slimseg.model.batching import fixed_batch, join, slices
 from slimseg.model.ops import NodeInfo
 
 _PARAM, _BUFFER, _HOST = "param", "buffer", "host"
@@ -78,6 +79,7 @@ class TorchGraph(nn.Module):
         self._register_constants(constants, kinds)
         self._steps = tuple(self._build_step(i, n) for i, n in enumerate(nodes))
         self.input_names = [i.name for i in graph.input if i.name not in constants]
+        self.fixed_batch = fixed_batch(self._model)  # a static batch runs sliced: see batching
         self.output_names = [o.name for o in graph.output]
         self._producers = {out: i for i, s in enumerate(self._steps) for out in s.outputs if out}
         self._known = set(self.input_names) | set(constants) | set(self._producers)
@@ -192,7 +194,12 @@ class TorchGraph(nn.Module):
     def forward(self, *inputs: torch.Tensor, taps: Sequence[str] | None = None, only_taps: bool = False):
         """Graph outputs (one Tensor, or a tuple in graph order); with taps a dict
         ``{name: Tensor}`` of every graph output and every tapped tensor. ``only_taps`` runs
-        just the nodes the taps need and returns only them (a partial forward)."""
+        just the nodes the taps need and returns only them (a partial forward). A graph with a
+        fixed batch size runs a larger batch in slices of that size (see :mod:`~slimseg.model.batching`)."""
+        parts = slices(int(inputs[0].shape[0]), self.fixed_batch) if inputs and inputs[0].ndim else None
+        if parts is not None:
+            results = [self.forward(*(x[s] for x in inputs), taps=taps, only_taps=only_taps) for s in parts]
+            return _join_results(results, self.fixed_batch)
         wanted = self.taps if taps is None else tuple(self._check_taps(taps))
         env = self._environment(inputs)
         align = _off_host(inputs)
@@ -208,7 +215,11 @@ class TorchGraph(nn.Module):
 
     def walk(self, *inputs: torch.Tensor, taps: Sequence[str]) -> "GraphWalk":
         """A forward of `inputs` run lazily, tap by tap (see :class:`GraphWalk`)."""
-        return GraphWalk(self, inputs, self._check_taps(taps))
+        taps = self._check_taps(taps)
+        parts = slices(int(inputs[0].shape[0]), self.fixed_batch) if inputs and inputs[0].ndim else None
+        if parts is not None:
+            return _SlicedWalk([GraphWalk(self, [x[s] for x in inputs], taps) for s in parts], self.fixed_batch)
+        return GraphWalk(self, inputs, taps)
 
     def run_order(self, tensor: str) -> int:
         """Position of the node producing `tensor` in the order the graph runs (its file order
@@ -356,7 +367,27 @@ class GraphWalk:
             self._env.pop(name, None)
 
 
+class _SlicedWalk:
+    """A :class:`GraphWalk` of a fixed-batch graph over a larger batch: one walk per slice."""
+
+    def __init__(self, walks: list[GraphWalk], fixed: int):
+        self._walks, self._fixed = walks, fixed
+
+    def take(self, name: str) -> torch.Tensor:
+        return join([w.take(name) for w in self._walks], self._fixed)
+
+
 # ---- helpers --------------------------------------------------------------------------
+def _join_results(results: list, fixed: int):
+    """Per-slice forward results (a Tensor, a tuple or a dict of them) joined into one."""
+    first = results[0]
+    if isinstance(first, dict):
+        return {k: join([r[k] for r in results], fixed) for k in first}
+    if isinstance(first, tuple):
+        return tuple(join([r[k] for r in results], fixed) for k in range(len(first)))
+    return join(results, fixed)
+
+
 def _off_host(inputs: Sequence[Any]) -> bool:
     """Whether any input lives off the CPU, so host-side constants must follow it."""
     return any(t.device.type != "cpu" for t in inputs if isinstance(t, torch.Tensor))
