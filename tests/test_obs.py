@@ -200,3 +200,12 @@ def test_sparsegpt_2_4_keeps_2_of_every_4_channels_at_each_kernel_position():
     magnitude = torch.cat([nm_mask(w[:, :-1].reshape(5, channels, 3, 3)).reshape(5, -1),
                            torch.ones(5, 1, dtype=w.dtype)], 1)
     assert lstsq_error(x, y, mask.bool()) < lstsq_error(x, y, magnitude.bool())
+
+
+def test_allocate_caps_each_layer_and_gives_the_rest_to_the_next_cheapest():
+    cheap = torch.tensor([[0.01, 0.02, 0.03, 0.04]])  # a ranking would take all of it
+    dear = torch.tensor([[0.2, 0.3, 0.9, 1.0], [0.25, 0.5, 0.6, 0.7]])
+    assert allocate({"cheap": cheap, "dear": dear}, 6) == {"cheap": 4, "dear": 2}
+    capped = allocate({"cheap": cheap, "dear": dear}, 6, most=0.75)
+    assert capped == {"cheap": 3, "dear": 3}  # the cap, then dear's cheapest steps
+    assert allocate({"cheap": cheap, "dear": dear}, 12, most=0.75) == {"cheap": 3, "dear": 6}  # all there is

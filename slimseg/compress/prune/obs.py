@@ -238,10 +238,25 @@ def _sparsegpt_pass(w: torch.Tensor, h: torch.Tensor, b: int, prunable: int, col
     return keep
 
 
-def allocate(costs: dict[str, torch.Tensor], total: int) -> dict[str, int]:
+def allocate(costs: dict[str, torch.Tensor], total: int, *, most: float = 1.0) -> dict[str, int]:
     """Split ``total`` zero blocks among layers, cheapest steps first over all of them
     (``costs``: layer -> :func:`pruning_order` costs, made comparable by the caller, e.g.
-    relative to the layer's output energy). Returns layer -> number of zero blocks."""
+    relative to the layer's output energy), no layer getting more than ``most`` of its blocks:
+    a layer the ranking would take beyond that gets its cap, and the rest is split again
+    among the others. Returns layer -> number of zero blocks."""
+    caps = {n: int(most * c.numel()) for n, c in costs.items()}
+    capped: dict[str, int] = {}
+    while True:
+        free = {n: c for n, c in costs.items() if n not in capped}
+        shares = _cheapest_steps(free, total - sum(capped.values()))
+        over = {n: caps[n] for n, count in shares.items() if count > caps[n]}
+        if not over:
+            return {n: capped.get(n, shares.get(n)) for n in costs}
+        capped.update(over)
+
+
+def _cheapest_steps(costs: dict[str, torch.Tensor], total: int) -> dict[str, int]:
+    """Layer -> how many of the ``total`` cheapest steps over all layers are its."""
     names = list(costs)
     if not names:
         return {}

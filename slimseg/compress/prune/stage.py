@@ -27,6 +27,9 @@ import torch
 from slimseg.errors import ConfigError, SlimsegError
 
 DEFAULT_CLIP_NORM = 5.0
+# Global sparsity by OBS cost zeroes at most this share of any one layer (or the target's
+# share, if that is higher): the ranking once took a small model's whole classifier.
+MAX_LAYER_SPARSITY = 0.95
 
 
 def sparsify(loaded_or_onnx, config, *, strategy, train_set, val_set, progress: bool = True,
@@ -226,8 +229,9 @@ def _obs_targets(sparsifier, ratio, student, batches):
     OBS refit (the convs the refit handles; grouped ones keep their magnitude masks), and the
     magnitude masks at ``ratio``. Per layer (``local_sparsity``): the count the magnitude mask
     has. Global: the magnitude masks' total, split among the weights by their
-    OBS costs relative to each layer's output energy, on the dense model
-    (:func:`slimseg.compress.prune.obs.allocate`). ASPPrune: an N:M pattern per refitted conv."""
+    OBS costs relative to each layer's output energy, on the dense model, none beyond
+    :data:`MAX_LAYER_SPARSITY` (:func:`slimseg.compress.prune.obs.allocate`). ASPPrune: an N:M
+    pattern per refitted conv."""
     from slimseg.compress.prune.masks import zero_blocks
     from slimseg.compress.prune.obs import NM, allocate, pruning_order
     from slimseg.compress.prune.reconstruct import layer_systems, refittable
@@ -247,7 +251,7 @@ def _obs_targets(sparsifier, ratio, student, batches):
     for name, (gram, matrix, fixed) in layer_systems(student, batches, list(targets)).items():
         energy = float(((matrix @ gram) * matrix).sum())
         costs[name] = pruning_order(matrix, gram, rows_per_block=rows_per_block, fixed=fixed)[1] / max(energy, 1e-30)
-    shares = allocate(costs, sum(targets[n][0] for n in costs))
+    shares = allocate(costs, sum(targets[n][0] for n in costs), most=max(MAX_LAYER_SPARSITY, ratio))
     targets.update({n: (count, rows_per_block) for n, count in shares.items()})
     return targets, magnitude
 
