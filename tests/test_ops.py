@@ -54,6 +54,7 @@ def binary(op, a, b, out_type=TensorProto.FLOAT, tag=""):
 X = rnd(2, 3, 9, 11)
 POS = np.abs(rnd(2, 3, 4, 5)) + 0.1
 BOOL_A, BOOL_B = rnd(3, 4) > 0, rnd(1, 4, seed=5) > 0
+SPECIAL = np.array([[0.0, np.nan, np.inf], [-np.inf, -1.5, np.nan]], F32)
 
 
 def conv(id, w_shape, x=X, bias=True, **attrs):
@@ -223,6 +224,92 @@ CASES = [
          opset=9),
     Case("upsample-9-linear", "Upsample", ["x", "s"], {"x": rnd(1, 2, 4, 5)}, {"s": np.array([1, 1, 2, 2.5], F32)},
          attrs={"mode": "linear"}, opset=9),
+    # cubic: inference runs torch's bicubic where it matches (a = -0.75, no exclusion, a half-pixel mode or
+    # align_corners, scale == out / in: the sizes cases, cubic-x2), the interpolation matrices otherwise
+    *(resize(f"cubic-{ctm}-{s}", scales=[1, 1, s, s * 1.1], mode="cubic", coordinate_transformation_mode=ctm)
+      for ctm in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_half_pixel_for_nn")
+      for s in (2.0, 0.5, 1.7)),
+    *(resize(f"cubic-sizes-{ctm}-{h}x{w}", sizes=[1, 2, h, w], mode="cubic", coordinate_transformation_mode=ctm)
+      for ctm in ("half_pixel", "pytorch_half_pixel", "align_corners") for h, w in ((10, 14), (3, 4), (1, 3))),
+    *(resize(f"cubic-tf-{ctm}-{s}", scales=[1, 1, s, s], mode="cubic", coordinate_transformation_mode=ctm,
+             cubic_coeff_a=-0.5, exclude_outside=1)
+      for ctm in ("half_pixel", "asymmetric") for s in (2.0, 0.6)),
+    resize("cubic-x2", scales=[1, 1, 2, 2], mode="cubic"),
+    resize("cubic-exclude-0.75", sizes=[1, 2, 12, 4], mode="cubic", exclude_outside=1),
+    resize("cubic-a-0.5-keep-outside", scales=[1, 1, 1.5, 2.5], mode="cubic", cubic_coeff_a=-0.5),
+    resize("cubic-19-symmetric", scales=[1, 1, 1.7, 0.8], opset=19, mode="cubic",
+           coordinate_transformation_mode="half_pixel_symmetric"),
+    resize("cubic-18-axes", sizes=[9, 4], opset=18, mode="cubic", axes=[2, 3]),
+    resize("cubic-2d", sizes=[9, 4], x=rnd(5, 7), mode="cubic"),
+    resize("cubic-nhwc-up", scales=[1, 2, 1.5, 1], x=rnd(1, 5, 7, 2), mode="cubic"),
+    # activations and maths
+    *(unary(op) for op in ["Atan", "Sinh", "Cosh"]),
+    *(unary(op, rnd(2, 3, 4, 5, lo=-0.99, hi=0.99)) for op in ["Tan", "Asin", "Acos"]),
+    unary("Mish", rnd(2, 3, 4, 5, lo=-8, hi=8), opset=18),
+    unary("Selu", rnd(2, 3, 4, 5, lo=-5, hi=5), opset=6),
+    Case("Selu-attrs", "Selu", ["x"], {"x": X}, attrs={"alpha": 2.0, "gamma": 0.5}),
+    unary("Celu", opset=12, alpha=0.7),
+    unary("ThresholdedRelu", opset=10, alpha=0.4),
+    Case("ThresholdedRelu-default", "ThresholdedRelu", ["x"], {"x": X}, opset=10),
+    binary("Mod", ints(7, -7, 7, -7, 6, 0), ints(3, 3, -3, -3, 3, 5), TensorProto.INT64, "-int"),
+    Case("Mod-int-fmod", "Mod", ["a", "b"], {"a": ints(7, -7, 7, -7, 6), "b": ints(3, 3, -3, -3, 3)},
+         attrs={"fmod": 1}, out_type=TensorProto.INT64),
+    Case("Mod-float-fmod", "Mod", ["a", "b"], {"a": rnd(2, 3, 4, lo=-9, hi=9), "b": rnd(3, 1, seed=4) + 2.5},
+         attrs={"fmod": 1}),
+    Case("IsNaN", "IsNaN", ["x"], {"x": SPECIAL}, out_type=TensorProto.BOOL),
+    *(Case(f"IsInf-{neg}{pos}", "IsInf", ["x"], {"x": SPECIAL}, attrs={"detect_negative": neg, "detect_positive": pos},
+           opset=10, out_type=TensorProto.BOOL) for neg, pos in ((1, 1), (0, 1), (1, 0), (0, 0))),
+    # normalizations
+    Case("InstanceNormalization", "InstanceNormalization", ["x", "s", "b"], {"x": X},
+         {"s": rnd(3, seed=1), "b": rnd(3, seed=2)}, {"epsilon": 1e-3}, opset=6),
+    Case("InstanceNormalization-3d", "InstanceNormalization", ["x", "s", "b"], {"x": rnd(2, 4, 7)},
+         {"s": rnd(4, seed=1), "b": rnd(4, seed=2)}),
+    Case("GroupNormalization-18-per-group", "GroupNormalization", ["x", "s", "b"], {"x": rnd(2, 6, 4, 5)},
+         {"s": rnd(3, seed=1), "b": rnd(3, seed=2)}, {"num_groups": 3, "epsilon": 1e-3}, opset=18),
+    Case("GroupNormalization-21-per-channel", "GroupNormalization", ["x", "s", "b"], {"x": rnd(2, 6, 4, 5)},
+         {"s": rnd(6, seed=1), "b": rnd(6, seed=2)}, {"num_groups": 2}, opset=21),
+    Case("GroupNormalization-21-one-group-3d", "GroupNormalization", ["x", "s", "b"], {"x": rnd(2, 4, 9)},
+         {"s": rnd(4, seed=1), "b": rnd(4, seed=2)}, {"num_groups": 1}, opset=21),
+    Case("GroupNormalization-21-stash-double", "GroupNormalization", ["x", "s", "b"], {"x": rnd(2, 6, 4, 5) * 100},
+         {"s": rnd(6, seed=1), "b": rnd(6, seed=2)}, {"num_groups": 6, "stash_type": TensorProto.DOUBLE}, opset=21),
+    Case("GroupNormalization-21-stash-half", "GroupNormalization", ["x", "s", "b"], {"x": rnd(2, 6, 4, 5)},
+         {"s": rnd(6, seed=1), "b": rnd(6, seed=2)}, {"num_groups": 3, "stash_type": TensorProto.FLOAT16}, opset=21),
+    # layout and indexing
+    Case("DepthToSpace-DCR", "DepthToSpace", ["x"], {"x": rnd(2, 12, 3, 4)}, attrs={"blocksize": 2}),
+    Case("DepthToSpace-CRD", "DepthToSpace", ["x"], {"x": rnd(2, 18, 3, 4)}, attrs={"blocksize": 3, "mode": "CRD"}),
+    Case("DepthToSpace-1", "DepthToSpace", ["x"], {"x": rnd(1, 8, 2, 3)}, attrs={"blocksize": 2}, opset=1),
+    Case("SpaceToDepth", "SpaceToDepth", ["x"], {"x": rnd(2, 3, 6, 4)}, attrs={"blocksize": 2}),
+    Case("GatherElements-0", "GatherElements", ["x", "i"], {"x": rnd(3, 4)}, {"i": ints(0, 2, -1, 1, 2, 0).reshape(2, 3)}),
+    Case("GatherElements-neg-axis", "GatherElements", ["x", "i"], {"x": rnd(2, 3, 5)},
+         {"i": np.random.default_rng(1).integers(-5, 5, (2, 3, 7))}, {"axis": -1}),
+    Case("ScatterElements-0", "ScatterElements", ["d", "i", "u"], {"d": rnd(3, 4), "u": rnd(2, 4, seed=1)},
+         {"i": ints(2, 0, -1, 1, 0, 1, 0, -3).reshape(2, 4)}),
+    Case("ScatterElements-1-int", "ScatterElements", ["d", "i", "u"], {"d": ints(1, 2, 3, 4, 5, 6).reshape(2, 3),
+         "u": ints(-1, -2, -3, -4).reshape(2, 2)}, {"i": ints(2, 0, -1, 1).reshape(2, 2)}, {"axis": 1},
+         out_type=TensorProto.INT64),
+    *(Case(f"ScatterElements-{r}", "ScatterElements", ["d", "i", "u"], {"d": rnd(3, 4), "u": rnd(3, 5, seed=1)},
+           {"i": ints(0, 1, 1, 3, 0, -1, 2, 2, 2, 0, 1, 1, 3, 3, 0).reshape(3, 5)}, {"axis": -1, "reduction": r},
+           opset=16 if r in ("add", "mul") else 18) for r in ("add", "mul", "max", "min")),
+    Case("ScatterND-slices", "ScatterND", ["d", "i", "u"], {"d": rnd(4, 3, 5), "u": rnd(2, 3, 5, seed=1)},
+         {"i": ints(2, -4).reshape(2, 1)}),
+    Case("ScatterND-elements", "ScatterND", ["d", "i", "u"], {"d": rnd(4, 3, 5), "u": rnd(2, 2, seed=1)},
+         {"i": ints(0, 1, 4, -1, -1, 0, 3, 2, 1, 2, 0, 0).reshape(2, 2, 3)}),
+    Case("ScatterND-int", "ScatterND", ["d", "i", "u"], {"d": ints(*range(8)).reshape(2, 4), "u": ints(-5, -6)},
+         {"i": ints(1, 2, 0, 0).reshape(2, 2)}, out_type=TensorProto.INT64),
+    *(Case(f"ScatterND-{r}", "ScatterND", ["d", "i", "u"], {"d": rnd(4, 3), "u": rnd(3, 3, seed=1)},
+           {"i": ints(1, -3, 3).reshape(3, 1)}, {"reduction": r}, opset=16 if r in ("add", "mul") else 18)
+      for r in ("add", "mul", "max", "min")),
+    Case("Trilu-upper", "Trilu", ["x"], {"x": rnd(2, 4, 5)}, opset=14),
+    Case("Trilu-lower-k", "Trilu", ["x", "k"], {"x": rnd(2, 4, 5)}, {"k": np.array(-1, I64)}, {"upper": 0}, opset=14),
+    Case("Trilu-upper-k-int", "Trilu", ["x", "k"], {"x": ints(*range(12)).reshape(3, 4)}, {"k": np.array(2, I64)},
+         opset=14, out_type=TensorProto.INT64),
+    Case("Einsum-batch-matmul", "Einsum", ["a", "b"], {"a": rnd(2, 3, 4), "b": rnd(2, 4, 5, seed=1)},
+         attrs={"equation": "bij,bjk->bik"}, opset=12),
+    Case("Einsum-ellipsis-weight", "Einsum", ["a", "w"], {"a": rnd(2, 3, 4)}, {"w": rnd(5, 4, seed=1)},
+         attrs={"equation": "...j, kj -> ...k"}, opset=12),
+    Case("Einsum-implicit", "Einsum", ["a", "b"], {"a": rnd(3, 4), "b": rnd(4, 2, seed=1)}, attrs={"equation": "ij,jk"},
+         opset=12),
+    Case("Einsum-trace-transpose", "Einsum", ["a"], {"a": rnd(3, 3, 2)}, attrs={"equation": "iij->j"}, opset=12),
 ]
 
 
@@ -261,14 +348,14 @@ def test_op_matches_onnxruntime(case: Case):
 
 
 
-LINEAR_RESIZES = [c for c in CASES if c.op in ("Resize", "Upsample") and c.attrs.get("mode") == "linear"]
+SMOOTH_RESIZES = [c for c in CASES if c.op in ("Resize", "Upsample") and c.attrs.get("mode") in ("linear", "cubic")]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("case", LINEAR_RESIZES, ids=[c.id for c in LINEAR_RESIZES])
-def test_linear_resize_training_path_matches(case: Case, channels_last: bool):
-    """While training, linear resize runs as matrix products (torch's bilinear backward is slow
-    on CPU): same values as onnxruntime, same gradient as the gather-and-blend path. A
+@pytest.mark.parametrize("case", SMOOTH_RESIZES, ids=[c.id for c in SMOOTH_RESIZES])
+def test_smooth_resize_training_path_matches(case: Case, channels_last: bool):
+    """While training, linear and cubic resize run as matrix products (torch's bilinear backward
+    is slow on CPU): same values as onnxruntime, same gradient as the inference path. A
     channels-last input (what the convs produce) gives a channels-last output."""
     model = make_model(case)
     expected = run_ort(model, case.feeds)[0]
@@ -282,7 +369,7 @@ def test_linear_resize_training_path_matches(case: Case, channels_last: bool):
     x.requires_grad_(True)
     y = graph(x, *feeds[1:])
     np.testing.assert_allclose(y.detach().numpy(), expected, rtol=0, atol=1e-5)
-    if channels_last and y.shape[1] > 1 and y.shape[2] * y.shape[3] > 1:
+    if channels_last and y.shape[:2] == x.shape[:2] and y.shape[1] > 1 and y.shape[2] * y.shape[3] > 1:
         assert y.is_contiguous(memory_format=torch.channels_last)
     weights = torch.from_numpy(rnd(*expected.shape, seed=3))
     (y * weights).sum().backward()
@@ -318,14 +405,47 @@ def test_unsupported_op_names_op_and_node():
     assert "'LRN'" in str(err.value) and "'n7'" in str(err.value)
 
 
-def test_cubic_resize_is_a_clear_error():
-    node = helper.make_node("Resize", ["x", "", "s"], ["y"], name="up", mode="cubic")
+@pytest.mark.parametrize("opset, attrs, named", [
+    (18, {"antialias": 1}, "antialias"),
+    (13, {"coordinate_transformation_mode": "tf_crop_and_resize"}, "tf_crop_and_resize"),
+    (10, {}, "cubic"),  # Resize-10 has no cubic mode
+])
+def test_unsupported_cubic_resize_is_a_clear_error(opset, attrs, named):
+    ins = ["x", "s"] if opset < 11 else ["x", "", "s"]
+    node = helper.make_node("Resize", ins, ["y"], name="up", mode="cubic", **attrs)
     vi = helper.make_tensor_value_info
     graph = helper.make_graph([node], "g", [vi("x", TensorProto.FLOAT, [1, 1, 2, 2])], [vi("y", TensorProto.FLOAT, None)],
                               [onnx.numpy_helper.from_array(np.array([1, 1, 2, 2], F32), "s")])
-    with pytest.raises(UnsupportedOpError, match="cubic") as err:
-        TorchGraph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    with pytest.raises(UnsupportedOpError, match=named) as err:
+        TorchGraph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
     assert err.value.node_name == "up"
+
+
+def test_group_norm_with_bfloat16_statistics_is_a_clear_error():
+    case = next(c for c in CASES if c.id == "GroupNormalization-21-per-channel")
+    model = make_model(Case(**{**case.__dict__, "attrs": {**case.attrs, "stash_type": TensorProto.BFLOAT16}}))
+    with pytest.raises(UnsupportedOpError, match="stash_type=16"):
+        TorchGraph(model)
+
+
+GRAD_OPS = {"InstanceNormalization", "GroupNormalization", "DepthToSpace", "SpaceToDepth", "GatherElements",
+            "ScatterElements", "ScatterND", "Trilu", "Einsum", "Mish", "Selu", "Celu", "ThresholdedRelu",
+            "Tan", "Atan", "Asin", "Acos", "Sinh", "Cosh"}
+GRAD_CASES = [c for c in CASES if c.op in GRAD_OPS and c.out_type == TensorProto.FLOAT]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c.id for c in GRAD_CASES])
+def test_gradients_reach_float_inputs_and_weights(case: Case):
+    """TorchGraph trains these ops: every float input and every parameter (InstanceNormalization
+    and GroupNormalization scale/bias, Einsum's constant operand) gets a finite gradient."""
+    graph = TorchGraph(make_model(case)).train()
+    feeds = [torch.from_numpy(v).requires_grad_(v.dtype == F32) for v in case.feeds.values()]
+    y = graph(*feeds)
+    (y * torch.from_numpy(rnd(*y.shape, seed=7))).sum().backward()
+    grads = [f.grad for f in feeds if f.requires_grad] + [p.grad for p in graph.parameters()]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    if case.op in ("InstanceNormalization", "GroupNormalization", "Einsum") and case.consts:
+        assert len(list(graph.parameters())) == len(case.consts)
 
 
 def test_unknown_attribute_is_unsupported():

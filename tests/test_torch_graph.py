@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import numpy as np
 import onnx
@@ -195,6 +196,43 @@ def test_runs_on_another_device_with_shape_arithmetic_on_the_host():
 def test_wrong_input_count_is_a_clear_error():
     with pytest.raises(SlimsegError, match="1 input"):
         TorchGraph(small_net())(torch.zeros(1, 3, 6, 5), torch.zeros(1))
+
+
+def test_torch_export_with_group_norm_instance_norm_pixel_shuffle_matches_onnxruntime(tmp_path):
+    """The classic exporter writes GroupNorm as Reshape-InstanceNormalization-Reshape-Mul-Add,
+    InstanceNorm2d as InstanceNormalization, pixel_shuffle as DepthToSpace (CRD), SiLU as
+    Sigmoid-Mul."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.gn = torch.nn.GroupNorm(2, 8)
+            self.inorm = torch.nn.InstanceNorm2d(8, affine=True)
+
+        def forward(self, x):
+            y = torch.nn.functional.silu(self.inorm(self.gn(self.conv(x))))
+            return torch.nn.functional.pixel_shuffle(y, 2)
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        for p in (net.gn.weight, net.gn.bias, net.inorm.weight, net.inorm.bias):
+            p.copy_(torch.randn_like(p))
+    path = tmp_path / "net.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # legacy-exporter deprecation, instance_norm train=True
+        torch.onnx.export(net, (torch.zeros(2, 3, 6, 5),), str(path), dynamo=False, opset_version=17)
+    model = onnx.load(str(path))
+    assert {"InstanceNormalization", "DepthToSpace"} <= {n.op_type for n in model.graph.node}
+    x = image(2, 3, 6, 5)
+    graph = TorchGraph(model)
+    got = graph(torch.from_numpy(x))
+    expected = next(iter(run_ort(model, x).values()))
+    np.testing.assert_allclose(got.detach().numpy(), expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got.detach().numpy(), net(torch.from_numpy(x)).detach().numpy(), atol=1e-5, rtol=0)
+    got.square().sum().backward()
+    assert all(p.grad is not None for p in graph.parameters())
 
 
 # ---- the two real models ---------------------------------------------------------------

@@ -53,6 +53,7 @@ WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
     "ConvTranspose": (1, 2),
     "Gemm": (0, 1, 2),
     "MatMul": (0, 1),
+    "Einsum": (0, 1),
     "BatchNormalization": (1, 2, 3, 4),
     "InstanceNormalization": (1, 2),
     "LayerNormalization": (1, 2),

@@ -1,8 +1,8 @@
 """Element-wise ops: activations, arithmetic, comparisons, logic.
 
-ONNX's multidirectional broadcasting is torch's, so binary ops map one to one. Two ONNX
-rules differ from torch's defaults: integer Div truncates toward zero, and Pow keeps the
-type of its base.
+ONNX's multidirectional broadcasting is torch's, so binary ops map one to one. Three ONNX
+rules differ from torch's defaults: integer Div truncates toward zero, Pow keeps the
+type of its base, and Mod takes the divisor's sign unless ``fmod=1``.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ _UNARY = {
     "Floor": torch.floor, "Ceil": torch.ceil, "Erf": torch.erf, "Not": torch.logical_not,
     "Reciprocal": torch.reciprocal, "Sin": torch.sin, "Cos": torch.cos, "Sign": torch.sign,
     "Softplus": F.softplus, "Softsign": F.softsign, "Round": torch.round,
+    "Tan": torch.tan, "Atan": torch.atan, "Asin": torch.asin, "Acos": torch.acos,
+    "Sinh": torch.sinh, "Cosh": torch.cosh, "Mish": F.mish, "IsNaN": torch.isnan,
 }
 _BINARY = {
     "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Equal": torch.eq,
@@ -65,6 +67,13 @@ def pow_(a, b):
     return torch.pow(a, b).to(a.dtype)
 
 
+@op("Mod")
+def mod(a, b, *, fmod: int = 0):
+    """fmod=1: C fmod (the dividend's sign); fmod=0: the divisor's sign, as Python's %
+    (ONNX allows fmod=0 for integers only; onnxruntime rejects it for floats)."""
+    return torch.fmod(a, b) if fmod else torch.remainder(a, b)
+
+
 @op("Identity", "Dropout")
 def identity(x, *rest, seed=None, ratio=None, training_mode=None):
     return x
@@ -78,6 +87,23 @@ def leaky_relu(x, *, alpha: float = 0.01):
 @op("Elu")
 def elu(x, *, alpha: float = 1.0):
     return F.elu(x, alpha)
+
+
+@op("Selu")
+def selu(x, *, alpha: float = 1.67326319217681884765625, gamma: float = 1.05070102214813232421875):
+    """y = gamma * elu(x, alpha); elu has no inf * 0 in its gradient where exp(x) overflows."""
+    return gamma * F.elu(x, alpha)
+
+
+@op("Celu")
+def celu(x, *, alpha: float = 1.0):
+    return F.celu(x, alpha)
+
+
+@op("ThresholdedRelu")
+def thresholded_relu(x, *, alpha: float = 1.0):
+    """y = x if x > alpha else 0."""
+    return F.threshold(x, alpha, 0.0)
 
 
 @op("PRelu", weights=(1,))
@@ -125,6 +151,15 @@ def clip(x, lo_t=None, hi_t=None, *, lo, hi):
     if lo is not None and hi is not None and isinstance(lo, torch.Tensor) != isinstance(hi, torch.Tensor):
         lo, hi = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (lo, hi))
     return torch.clamp(x, lo, hi)
+
+
+@op("IsInf")
+def is_inf(x, *, detect_negative: int = 1, detect_positive: int = 1):
+    if detect_negative and detect_positive:
+        return torch.isinf(x)
+    if detect_positive:
+        return torch.isposinf(x)
+    return torch.isneginf(x) if detect_negative else torch.zeros_like(x, dtype=torch.bool)
 
 
 @op("Where")

@@ -1,4 +1,5 @@
-"""Layers with weights: Conv, ConvTranspose, BatchNormalization, LayerNormalization, Gemm, MatMul.
+"""Layers with weights: Conv, ConvTranspose, the normalizations (Batch, Layer, Instance, Group),
+Gemm, MatMul.
 
 ONNX pads are ``[b_1 .. b_n, e_1 .. e_n]`` and may be asymmetric; torch convs only take
 symmetric padding, so asymmetric pads are applied with ``F.pad`` first. ``auto_pad`` SAME_*
@@ -8,14 +9,16 @@ SAME_UPPER puts ``total // 2`` first, SAME_LOWER puts ``total - total // 2`` fir
 """
 from __future__ import annotations
 
+import onnx
 import torch
 import torch.nn.functional as F
 
-from slimseg.model.ops.registry import NodeInfo, op
+from slimseg.model.ops.registry import TORCH_DTYPE, NodeInfo, op
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+_STASH_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
 
 
 def torch_pad(begin: list[int], end: list[int]) -> list[int]:
@@ -153,6 +156,32 @@ def layer_norm(x, scale, bias=None, *, axis, eps):
     axis = axis % x.dim()
     shape = list(x.shape[axis:])
     return F.layer_norm(x, shape, scale.expand(shape), None if bias is None else bias.expand(shape), eps)
+
+
+@op("InstanceNormalization", weights=(1, 2))
+def instance_norm(x, scale, bias, *, epsilon: float = 1e-5):
+    """Statistics of each sample and channel over the spatial axes, also in ``train()``: ONNX's
+    InstanceNormalization has no running statistics."""
+    return F.instance_norm(x, weight=scale, bias=bias, use_input_stats=True, eps=epsilon)
+
+
+def _parse_group_norm(node: NodeInfo) -> dict:
+    stash = int(node.attr("stash_type", onnx.TensorProto.FLOAT))
+    if stash not in _STASH_TYPES:
+        raise node.unsupported(f"stash_type={stash}, expected FLOAT, DOUBLE or FLOAT16 (one of {_STASH_TYPES})")
+    return {"num_groups": int(node.attr("num_groups")), "eps": float(node.attr("epsilon", 1e-5)),
+            "per_group": node.opset < 21, "stash": TORCH_DTYPE[stash]}
+
+
+@op("GroupNormalization", parse=_parse_group_norm, weights=(1, 2))
+def group_norm(x, scale, bias, *, num_groups, eps, per_group, stash):
+    """Statistics in ``stash`` precision, then the affine part in x's. Before opset 21 scale and
+    bias hold one value per group (each spread over the group's channels), since one per channel."""
+    if per_group:
+        scale, bias = (t.repeat_interleave(x.shape[1] // num_groups) for t in (scale, bias))
+    shape = [-1] + [1] * (x.dim() - 2)
+    y = F.group_norm(x.to(stash), num_groups, eps=eps).to(x.dtype)
+    return y * scale.reshape(shape) + bias.reshape(shape)
 
 
 @op("MatMul", weights=(0, 1))

@@ -14,6 +14,12 @@ neighbours. Both are separable, so each axis is one gather (+ one blend for line
 While training (gradients wanted), linear runs each axis as a product with its small
 interpolation matrix instead: the same weights, but torch's bilinear backward on CPU is slow
 (55 ms vs 13 ms forward + backward for 8x64x12x12 -> 96x96).
+Cubic runs as such products in inference too: the unclamped coordinate's four neighbours
+``floor(c) - 1 .. floor(c) + 2`` (clamped into the axis) get Keys' weights with
+``cubic_coeff_a``; ``exclude_outside`` zeroes the neighbours outside the axis and rescales
+the rest to sum 1. This reproduces onnxruntime for every coordinate mode above (torch's
+bicubic only covers a = -0.75 without exclusion and the half-pixel modes or align_corners;
+inference uses it there, as it uses torch's bilinear).
 Upsample and Resize-10 are ``asymmetric`` with onnxruntime's "simple" nearest rounding
 (ceil when down-sampling, floor otherwise).
 """
@@ -32,17 +38,18 @@ _F32 = np.float32
 _COORDS = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
            "tf_half_pixel_for_nn", "half_pixel_symmetric")
 _NEAREST = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil", "simple")
-_FAST_LINEAR = {"half_pixel": False, "pytorch_half_pixel": False, "align_corners": True}
+_FAST_CTM = {"half_pixel": False, "pytorch_half_pixel": False, "align_corners": True}  # -> align_corners
+_TORCH_MODE = {"linear": "bilinear", "cubic": "bicubic"}
+_TORCH_CUBIC = (-0.75, False)  # (cubic_coeff_a, exclude_outside) of torch's bicubic
 
 
 def _parse_resize(node: NodeInfo) -> dict:
     legacy = node.op_type == "Upsample" or node.opset < 11
     mode = node.attr("mode", "nearest")
     mode = "linear" if mode in ("bilinear", "trilinear") else mode  # Upsample-7 spellings
-    if mode == "cubic":
-        raise node.unsupported("mode='cubic' is not supported; re-export with 'linear' or 'nearest'")
-    if mode not in ("nearest", "linear"):
-        raise node.unsupported(f"mode={mode!r}, expected 'nearest' or 'linear'")
+    modes = ("nearest", "linear") if legacy else ("nearest", "linear", "cubic")
+    if mode not in modes:
+        raise node.unsupported(f"mode={mode!r}, expected one of {modes}")
     ctm = "asymmetric" if legacy else node.attr("coordinate_transformation_mode", "half_pixel")
     if ctm not in _COORDS:
         raise node.unsupported(f"coordinate_transformation_mode={ctm!r}, expected one of {_COORDS}")
@@ -56,22 +63,25 @@ def _parse_resize(node: NodeInfo) -> dict:
         raise node.unsupported(f"keep_aspect_ratio_policy={policy!r}")
     return {
         "mode": mode, "ctm": ctm, "nearest": nearest, "policy": policy,
+        "cubic": (float(node.attr("cubic_coeff_a", -0.75)), bool(node.attr("exclude_outside", 0))),
         "axes": node.attr("axes"), "scales": node.attr("scales"),
         "slots": (1, None) if legacy else (2, 3),
     }
 
 
 @op("Resize", "Upsample", parse=_parse_resize, host=(1, 2, 3))
-def resize(x, *args, mode, ctm, nearest, policy, axes, scales, slots):
+def resize(x, *args, mode, ctm, nearest, policy, axes, scales, slots, cubic):
     axes = [a % x.dim() for a in axes] if axes else list(range(x.dim()))
     plan = _plan(x, args, axes, scales, slots, policy)
-    if mode == "linear" and x.requires_grad and torch.is_grad_enabled():
-        for axis, n_in, n_out, scale in plan:
-            x = _matmul_axis(x, axis, _interpolation_matrix(n_in, n_out, float(scale), ctm))
-        return x
-    if mode == "linear" and _fast_linear_ok(x, plan, ctm):
+    training = x.requires_grad and torch.is_grad_enabled()
+    if mode != "nearest" and not training and _fast_ok(x, plan, ctm, mode, cubic):
         sizes = [out for _, _, out, _ in plan[-2:]]
-        return F.interpolate(x, size=sizes, mode="bilinear", align_corners=_FAST_LINEAR[ctm])
+        return F.interpolate(x, size=sizes, mode=_TORCH_MODE[mode], align_corners=_FAST_CTM[ctm])
+    if mode == "cubic" or (mode == "linear" and training):
+        for axis, n_in, n_out, scale in plan:
+            matrix = _interpolation_matrix(n_in, n_out, float(scale), ctm, cubic if mode == "cubic" else None)
+            x = _matmul_axis(x, axis, matrix)
+        return x
     for axis, n_in, n_out, scale in plan:
         coord = _source_coords(n_in, n_out, scale, ctm)
         if mode == "nearest":
@@ -106,9 +116,12 @@ def _arg(args, slot):
     return args[slot - 1]
 
 
-def _fast_linear_ok(x, plan, ctm) -> bool:
-    """torch's bilinear equals onnxruntime's when only H, W change and ``scale == out / in``."""
-    if x.dim() != 4 or ctm not in _FAST_LINEAR or any(axis < 2 for axis, *_ in plan):
+def _fast_ok(x, plan, ctm, mode, cubic) -> bool:
+    """torch's bilinear (bicubic: with a = -0.75 and no exclusion) equals onnxruntime's when only
+    H, W change and ``scale == out / in``."""
+    if x.dim() != 4 or ctm not in _FAST_CTM or any(axis < 2 for axis, *_ in plan):
+        return False
+    if mode == "cubic" and cubic != _TORCH_CUBIC:
         return False
     if not plan or (ctm == "pytorch_half_pixel" and any(o == 1 for _, _, o, _ in plan)):
         return False
@@ -160,14 +173,35 @@ def _linear_weights(coord: np.ndarray, n_in: int):
     return x1, x2, w1, w2
 
 
+def _cubic_weights(coord: np.ndarray, n_in: int, a: float, exclude_outside: bool):
+    """(idx, w), both (n_out, 4): the neighbours floor(c) - 1 .. floor(c) + 2 clamped into
+    the axis, and Keys' cubic convolution weights at distances 1 + t, t, 1 - t, 2 - t."""
+    base = np.floor(coord)
+    t = (coord - base).astype(_F32)[:, None]
+    a = _F32(a)
+    d = np.concatenate([t + 1, t, 1 - t, 2 - t], axis=1)
+    near = ((a + 2) * d - (a + 3)) * d * d + 1  # for |d| <= 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # for 1 < |d| < 2
+    w = np.where(d <= 1, near, far)
+    idx = base.astype(np.int64)[:, None] + np.arange(-1, 3)
+    if exclude_outside:
+        w = w * ((idx >= 0) & (idx < n_in))
+        w = w / w.sum(axis=1, keepdims=True)
+    return np.clip(idx, 0, n_in - 1), w
+
+
 @functools.lru_cache(maxsize=64)
-def _interpolation_matrix(n_in: int, n_out: int, scale: float, ctm: str) -> np.ndarray:
-    """``(n_out, n_in)`` matrix ``A`` with ``A @ v`` = linear resize of ``v`` along one axis."""
-    x1, x2, w1, w2 = _linear_weights(_source_coords(n_in, n_out, _F32(scale), ctm), n_in)
+def _interpolation_matrix(n_in: int, n_out: int, scale: float, ctm: str, cubic=None) -> np.ndarray:
+    """``(n_out, n_in)`` matrix ``A`` with ``A @ v`` = linear (or, given ``cubic`` =
+    (cubic_coeff_a, exclude_outside), cubic) resize of ``v`` along one axis."""
+    coord = _source_coords(n_in, n_out, _F32(scale), ctm)
+    if cubic is None:
+        x1, x2, w1, w2 = _linear_weights(coord, n_in)
+        idx, w = np.stack([x1, x2], axis=1), np.stack([w2, w1], axis=1)
+    else:
+        idx, w = _cubic_weights(coord, n_in, *cubic)
     a = np.zeros((n_out, n_in), _F32)
-    rows = np.arange(n_out)
-    np.add.at(a, (rows, x1), w2)
-    np.add.at(a, (rows, x2), w1)
+    np.add.at(a, (np.arange(n_out)[:, None], idx), w)
     a.setflags(write=False)
     return a
 

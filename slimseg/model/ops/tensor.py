@@ -1,9 +1,11 @@
-"""Shape and layout ops: Reshape, Transpose, Concat, Split, Slice, Gather, Pad, Cast, ...
+"""Shape, layout and indexing ops: Reshape, Transpose, Concat, Split, Slice, Gather, Pad, Cast,
+DepthToSpace, Scatter*, Trilu, Einsum, ...
 
 Everything is computed from runtime shapes, so a dynamic batch dimension just works.
 Integer results (Shape, Size) are int64 CPU tensors: shape arithmetic stays on the host and
 never waits for the accelerator. Inputs that changed from attribute to input across opsets
 (Split's split, Squeeze/Unsqueeze axes, Pad pads, Slice starts/ends) are accepted either way.
+Gather and Scatter indices may be negative (counted from the end of their axis).
 """
 from __future__ import annotations
 
@@ -222,3 +224,94 @@ def tile(x, repeats_t):
 @op("Range", host=(0, 1, 2))
 def range_(start, limit, delta):
     return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+
+
+def _parse_depth_to_space(node: NodeInfo) -> dict:
+    mode = node.attr("mode", "DCR")
+    if mode not in ("DCR", "CRD"):
+        raise node.unsupported(f"mode={mode!r}, expected 'DCR' or 'CRD'")
+    return {"blocksize": int(node.attr("blocksize")), "mode": mode}
+
+
+@op("DepthToSpace", parse=_parse_depth_to_space)
+def depth_to_space(x, *, blocksize, mode):
+    """CRD is torch's pixel_shuffle (input channel = c * b * b + offset); DCR, the default, puts
+    the block offset outermost (input channel = offset * C_out + c)."""
+    if mode == "CRD":
+        return F.pixel_shuffle(x, blocksize)
+    n, c, h, w = x.shape
+    b = blocksize
+    y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+    return y.reshape(n, c // (b * b), h * b, w * b)
+
+
+@op("SpaceToDepth")
+def space_to_depth(x, *, blocksize: int):
+    """The inverse of DepthToSpace DCR: output channel = (row offset * b + column offset) * C + c
+    (torch's pixel_unshuffle is the CRD order, which SpaceToDepth does not have)."""
+    n, c, h, w = x.shape
+    b = blocksize
+    y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+    return y.reshape(n, c * b * b, h // b, w // b)
+
+
+def _wrap(idx: torch.Tensor, dim, device) -> torch.Tensor:
+    """int64 indices on ``device`` with negative ones counted from the end (``dim`` may be a tensor)."""
+    idx = idx.to(device=device, dtype=torch.int64)
+    return torch.where(idx < 0, idx + dim, idx)
+
+
+@op("GatherElements")
+def gather_elements(x, idx, *, axis: int = 0):
+    return torch.gather(x, axis, _wrap(idx, x.shape[axis], x.device))
+
+
+_SCATTER_REDUCE = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
+
+
+def _parse_scatter(node: NodeInfo) -> dict:
+    reduction = node.attr("reduction", "none")
+    if reduction != "none" and reduction not in _SCATTER_REDUCE:
+        raise node.unsupported(f"reduction={reduction!r}, expected none, add, mul, max or min")
+    parsed = {"reduction": reduction}
+    if node.op_type == "ScatterElements":
+        parsed["axis"] = int(node.attr("axis", 0))
+    return parsed
+
+
+@op("ScatterElements", parse=_parse_scatter)
+def scatter_elements(data, idx, updates, *, axis, reduction):
+    idx = _wrap(idx, data.shape[axis], data.device)
+    if reduction == "none":
+        return data.scatter(axis, idx, updates)
+    return data.scatter_reduce(axis, idx, updates, _SCATTER_REDUCE[reduction])
+
+
+@op("ScatterND", parse=_parse_scatter)
+def scatter_nd(data, idx, updates, *, reduction):
+    """Each row of ``idx``'s last axis addresses a slice of data's first k axes: flatten those
+    axes, turn the rows into flat indices, and write (or reduce) the updates along axis 0."""
+    k = idx.shape[-1]
+    lead = list(data.shape[:k])
+    idx = _wrap(idx.reshape(-1, k), torch.tensor(lead, device=data.device), data.device)
+    strides = [math.prod(lead[i + 1:]) for i in range(k)]
+    flat_idx = (idx * torch.tensor(strides, device=data.device)).sum(-1)
+    flat = data.reshape(-1, *data.shape[k:])
+    src = updates.reshape(-1, *data.shape[k:])
+    if reduction == "none":
+        return flat.index_copy(0, flat_idx, src).reshape(data.shape)
+    index = flat_idx.reshape(-1, *[1] * (src.dim() - 1)).expand_as(src)
+    return flat.scatter_reduce(0, index, src, _SCATTER_REDUCE[reduction]).reshape(data.shape)
+
+
+@op("Trilu", host=(1,))
+def trilu(x, k_t=None, *, upper: int = 1):
+    """Keep the upper (or lower) triangle of the last two axes from diagonal ``k``."""
+    k = int(scalar(k_t, 0))
+    return torch.triu(x, k) if upper else torch.tril(x, k)
+
+
+@op("Einsum", parse=lambda node: {"equation": node.attr("equation").replace(" ", "")}, weights=(0, 1))
+def einsum(*xs, equation):
+    """The first two operands, when constants, train like MatMul's."""
+    return torch.einsum(equation, *xs)
