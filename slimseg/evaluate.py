@@ -154,6 +154,10 @@ def _check_input(chw: tuple, loaded, dataset) -> None:
     if all(w is None or w == g for w, g in zip(want[1:], chw)):
         return
     fixed = "x".join("?" if d is None else str(d) for d in want[1:])
+    if want[3] == chw[0] and want[1] != chw[0]:  # channels last, not just a Transpose away
+        raise DataError(f"model {loaded.source} takes channels-last (NHWC, {fixed}) images at input "
+                        f"{loaded.input_name!r} and uses them before any Transpose to NCHW; slimseg feeds "
+                        f"NCHW: re-export it with an NCHW input (tf2onnx: --inputs-as-nchw {loaded.input_name})")
     hint = (f"set Resize target_size: [{want[3]}, {want[2]}] in its transforms" if None not in want[2:]
             else "fix its transforms")
     raise DataError(f"the {_where(dataset)} gives {'x'.join(map(str, chw))} (CxHxW) images but model "

@@ -13,9 +13,12 @@ from slimseg.errors import SlimsegError
 
 
 def save_onnx(model, path) -> Path:
-    """Serialize `model` to `path` atomically (temp file in the same folder, then rename)."""
+    """Serialize `model` to `path` atomically (temp file in the same folder, then rename), with
+    the input layout it was imported with (see :mod:`slimseg.model.passes.nchw_input`)."""
+    from slimseg.model.passes.nchw_input import restore
+
     path = Path(path)
-    data = model.SerializeToString()
+    data = restore(model).SerializeToString()
     with atomic_file(path) as tmp:
         write_bytes(tmp, data)
     return path

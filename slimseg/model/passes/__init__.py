@@ -4,8 +4,8 @@ Each pass is a module with ``run(model, ...) -> PassResult`` that returns a new 
 proto is never edited). :func:`canonicalize` runs them in this order::
 
     upgrade_opset (>= 13) -> constants_to_initializers -> fold_constants
-    -> untie_shared_initializers -> fix_input_shape -> fold_constants (again, when the shape
-    changed) -> infer_shapes -> onnx.checker
+    -> untie_shared_initializers -> nchw_input -> fix_input_shape -> fold_constants (again,
+    when the shape changed) -> infer_shapes -> onnx.checker
 
 Constants first, so folding sees weights as initializers; folding before untying, so
 ``Identity`` aliases become copies first; folding again once H/W are fixed, so shape arithmetic
@@ -27,6 +27,7 @@ from slimseg.model.passes import (
     fix_input_shape,
     fold_constants,
     infer_shapes,
+    nchw_input,
     untie_shared_initializers,
     upgrade_opset,
 )
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "PassResult", "canonicalize", "pipeline", "constants_to_initializers", "fix_input_shape",
-    "fold_constants", "infer_shapes", "untie_shared_initializers", "upgrade_opset",
+    "fold_constants", "infer_shapes", "nchw_input", "untie_shared_initializers", "upgrade_opset",
 ]
 
 
@@ -47,6 +48,7 @@ def pipeline(input_shape: Sequence[int | None] | None = None) -> list[tuple[str,
         ("constants_to_initializers", constants_to_initializers.run, None),
         ("fold_constants", fold_constants.run, None),
         ("untie_shared_initializers", untie_shared_initializers.run, None),
+        ("nchw_input", nchw_input.run, None),
         ("fix_input_shape", functools.partial(fix_input_shape.run, input_shape=input_shape), None),
         ("fold_shapes", fold_constants.run, "fix_input_shape"),
         ("infer_shapes", infer_shapes.run, None),
