@@ -214,6 +214,13 @@ def test_paddle_files_missing_or_broken(tmp_path):
         load_model(folder)
 
 
+def test_a_paddle3_pir_folder_says_what_to_do(tmp_path):
+    (tmp_path / "inference.json").write_text("{}")
+    (tmp_path / "inference.pdiparams").write_bytes(b"\0")
+    with pytest.raises(ModelLoadError, match="inference.json is a Paddle 3 .PIR. program.*FLAGS_enable_pir_api=0"):
+        load_model(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def converted():
     """Per-session cache of (canonical, raw paddle2onnx) conversions of the real models."""

@@ -148,6 +148,11 @@ def _from_dir(folder: Path, model_filename: str | None, params_filename: str | N
         return _paddle_source(program, folder / (params_filename or program.with_suffix(".pdiparams").name))
     onnx_file = _find_one(folder, "*.onnx")
     if onnx_file is None:
+        pir = sorted(p.name for p in folder.glob("*.json") if p.with_suffix(".pdiparams").is_file())
+        if pir:
+            raise ModelLoadError(f"{folder}: {pir[0]} is a Paddle 3 (PIR) program, which paddle2onnx 1.0.8 "
+                                 "cannot read: export the model in the old format (FLAGS_enable_pir_api=0 "
+                                 "gives a .pdmodel) or convert it to ONNX yourself and pass the .onnx file")
         raise ModelLoadError(f"{folder}: no {PADDLE_MODEL} (Paddle inference model) and no .onnx file found")
     return _Source(str(onnx_file), lambda shape: _load_onnx_file(onnx_file), find_deploy(folder))
 
