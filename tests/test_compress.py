@@ -140,3 +140,47 @@ def test_channel_prune_gives_a_smaller_dense_model(tiny, tmp_path):
     y = session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, 32, 32), np.float32)})[0]
     assert y.shape == (1, 3, 32, 32)
     assert report["compressed"]["metrics"]["miou"] > 0.3  # still segments after fine-tuning
+
+
+def _open_hw(model: onnx.ModelProto) -> onnx.ModelProto:
+    for value in (*model.graph.input, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        dims[2].dim_param, dims[3].dim_param = "H", "W"
+    return model
+
+
+def test_a_model_of_any_image_size_is_fixed_to_the_val_images_size(tmp_path):
+    """torch exports with dynamic H/W and no deploy.yaml: latency, MACs and shape folding take
+    the size the val transforms give (it failed deep in MAC counting before)."""
+    from helpers import SIZE, decisive_model, write_dataset
+
+    path = tmp_path / "any_size.onnx"
+    onnx.save(_open_hw(decisive_model()), path)
+    data = write_dataset(tmp_path / "data", train=4, val=4, size=SIZE)
+    lines = []
+    strategy = {"QuantPost": {"algo": "minmax", "batch_size": 4, "batch_nums": 1}}
+    result = compress(path, strategy, data=data, save_dir=tmp_path / "out", progress=False, bench_rounds=2,
+                      log_fn=lines.append)
+    assert any(f"using 3x{SIZE}x{SIZE}" in line for line in lines)
+    assert result.report["baseline"]["stats"]["macs"] > 0 and result.report["agreement"] >= 0.995
+
+
+def test_a_model_of_any_image_size_with_val_images_of_several_sizes_is_a_clear_error(tmp_path):
+    import yaml
+    from PIL import Image
+
+    from slimseg.errors import DataError
+    from helpers import SIZE, decisive_model, write_dataset
+
+    path = tmp_path / "any_size.onnx"
+    onnx.save(_open_hw(decisive_model()), path)
+    data = write_dataset(tmp_path / "data", train=2, val=3, size=SIZE)
+    cfg = yaml.safe_load(data.read_text())
+    cfg["val_dataset"]["transforms"] = [{"type": "Normalize"}]  # images keep their own sizes
+    data.write_text(yaml.safe_dump(cfg))
+    big = tmp_path / "data" / "images" / "val2.png"
+    Image.open(big).resize((2 * SIZE, SIZE)).save(big)
+    Image.open(tmp_path / "data" / "labels" / "val2.png").resize((2 * SIZE, SIZE)).save(tmp_path / "data" / "labels" / "val2.png")
+    with pytest.raises(DataError, match="several sizes.*Resize with target_size"):
+        compress(path, {"QuantPost": {"algo": "minmax"}}, data=data, save_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -93,6 +93,7 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
         if not isinstance(data, DatasetConfig) else data
     val = build_dataset(data, "val")
     val.cache_decoded()  # evaluated 3 times or more (baseline, agreement, final, during QAT)
+    loaded, shape_note = fix_open_dims(loaded, val)
     train_spec = build_dataset(data, "train") if data.train is not None else None
     ctx, ckpt, session = _open_run(save_dir, loaded, strategy, data, resume=resume, overwrite=overwrite,
                                    device=device)
@@ -102,6 +103,8 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
         say = _log_to_files(log_fn or log.info, work, ckpt, ctx.is_main)
         say(f"model {loaded.source}: {val.spec.num_classes} classes, val set {len(val)} images"
             + (f"; resuming from {ckpt.folder}" if ckpt.resumed else ""))
+        if shape_note:
+            say(shape_note)
         batch = fixed_batch(loaded.onnx)
         if batch is not None:
             say(f"the model's batch size is fixed to {batch}: larger batches run {batch} image(s) at a time "
@@ -511,6 +514,28 @@ def _compression_sections(strategy) -> list[str]:
     """The compression sections the strategy sets (none: the automatic search chooses)."""
     fields = ("quant_aware", "quant_post", "unstructure_prune", "asp_prune", "channel_prune")
     return [name for name in fields if getattr(strategy, name) is not None]
+
+
+def fix_open_dims(loaded, val) -> tuple[Any, str | None]:
+    """A model whose image H/W (or C) are dynamic, fixed to the size of the val images after
+    their transforms, and a note saying so; unchanged (note None) when nothing is open.
+    Latency, MAC counts and the folding of shape arithmetic need one size; the data's is the
+    size the model is evaluated at. Val images of several sizes are a DataError."""
+    from slimseg.errors import DataError
+    from slimseg.model.importers import open_image_dims, with_input_shape
+
+    if not open_image_dims(loaded):
+        return loaded, None
+    picks = sorted({0, len(val) // 2, len(val) - 1})
+    shapes = {tuple(val[i].image.shape) for i in picks}
+    if len(shapes) != 1:
+        raise DataError(f"model {loaded.source} takes images of any size at input {loaded.input_name!r}, and the "
+                        f"val images come in several sizes {sorted(shapes)}: add a Resize with target_size to the "
+                        "val transforms, or pass input_shape (--input_shape 1,C,H,W)")
+    chw = shapes.pop()
+    fixed = with_input_shape(loaded, chw)
+    return fixed, (f"model input {loaded.input_name!r} has dynamic dims; using {'x'.join(map(str, chw))} (CxHxW), "
+                   "the size of the val images (pass input_shape to choose another)")
 
 
 def _model_args(model, strategy) -> dict[str, Any]:

@@ -492,7 +492,7 @@ class _Context:
 
     @classmethod
     def build(cls, model, strategy, data, target, input_shape, rewrite, progress, bench_rounds, say):
-        from slimseg.compress.api import _model_args, _reader_config
+        from slimseg.compress.api import _model_args, _reader_config, fix_open_dims
         from slimseg.data import DatasetConfig, build_dataset, load_dataset_config
         from slimseg.evaluate import evaluate
         from slimseg.model.importers import load_model
@@ -502,6 +502,9 @@ class _Context:
             data if data is not None else _reader_config(strategy))
         val = build_dataset(data, "val")
         val.cache_decoded()
+        loaded, shape_note = fix_open_dims(loaded, val)
+        if shape_note:
+            say(shape_note)
         shape = tuple(1 if d is None else d for d in loaded.input_shape) if loaded.input_shape else None
         ctx = cls(loaded, data, val, data.train is not None, target, shape, rewrite, progress, bench_rounds, say)
         tic = _clock()

@@ -88,6 +88,22 @@ def load_model(model: Any = None, *, model_dir: str | os.PathLike | None = None,
     return LoadedModel(canonical, source.name, image.name, input_dims(image), preprocess)
 
 
+def open_image_dims(loaded: LoadedModel) -> bool:
+    """Whether the image input's C, H or W is dynamic (the batch may be)."""
+    shape = loaded.input_shape
+    return shape is not None and len(shape) == 4 and any(d is None for d in shape[1:])
+
+
+def with_input_shape(loaded: LoadedModel, chw: Sequence[int]) -> LoadedModel:
+    """``loaded`` with its image input's C, H, W fixed to ``chw`` (the batch left as it is),
+    shape arithmetic folded and shapes inferred again, as ``input_shape`` does at load time."""
+    try:
+        model = canonicalize(loaded.onnx, input_shape=(None, *chw))
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{loaded.source}: {err}") from err
+    return LoadedModel(model, loaded.source, loaded.input_name, input_dims(image_input(model)), loaded.preprocess)
+
+
 # --- resolving what was passed --------------------------------------------------------------
 
 def _resolve(model, model_dir, model_filename, params_filename) -> _Source:
