@@ -65,6 +65,16 @@ def test_onnxruntime_runs_a_larger_batch_image_by_image():
     np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_openvino_runs_a_larger_batch_image_by_image():
+    pytest.importorskip("openvino")
+    from slimseg.hardware.runtime import OpenVinoRuntime
+
+    x = np.random.default_rng(2).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    (y,) = OpenVinoRuntime(baked_batch_model()).run(x)
+    (ref,) = OrtRuntime(baked_batch_model(2)).run(x)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_a_batch_that_does_not_split_into_the_fixed_size_is_a_clear_error():
     x = np.zeros((3, 3, 4, 4), np.float32)
     with pytest.raises(DataError, match="batches of exactly 2.*multiple of 2"):

@@ -15,7 +15,7 @@ import onnx
 
 from slimseg.errors import (ConfigError, DataError, MissingDependencyError, ModelLoadError, SlimsegError,
                             did_you_mean)
-from slimseg.model.batching import run_sliced
+from slimseg.model.batching import run_feeds
 
 ModelLike = onnx.ModelProto | str | Path
 
@@ -143,11 +143,7 @@ class OrtRuntime:
 
     def run(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs for ``inputs``; a model with a fixed batch size runs a larger batch in slices."""
-        feeds = feed_dict(inputs, self.input_names)
-        names = list(feeds)
-        sliced = run_sliced(lambda xs: self._run(dict(zip(names, xs))), [feeds[n] for n in names],
-                            self.fixed_batch)
-        return sliced if sliced is not None else self._run(feeds)
+        return run_feeds(self._run, feed_dict(inputs, self.input_names), self.fixed_batch)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
@@ -198,11 +194,7 @@ class OpenVinoRuntime:
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
     def run(self, inputs: np.ndarray | Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        feeds = feed_dict(inputs, self.input_names)
-        names = list(feeds)
-        sliced = run_sliced(lambda xs: self._run(dict(zip(names, xs))), [feeds[n] for n in names],
-                            self.fixed_batch)
-        return sliced if sliced is not None else self._run(feeds)
+        return run_feeds(self._run, feed_dict(inputs, self.input_names), self.fixed_batch)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.request.infer(feeds)

@@ -34,9 +34,11 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def slices(batch: int, fixed: int | None) -> list[slice] | None:
-    """Slices of ``fixed`` images covering a batch of ``batch``; None when it runs as it is."""
-    if fixed is None or batch == fixed:
+def slices(inputs: Sequence, fixed: int | None) -> list[slice] | None:
+    """Slices of ``fixed`` images covering the batch of ``inputs`` (the first input's first
+    dimension); None when the batch runs as it is."""
+    batch = int(inputs[0].shape[0]) if len(inputs) and inputs[0].ndim else None
+    if fixed is None or batch is None or batch == fixed:
         return None
     if batch % fixed:
         raise DataError(f"the model takes batches of exactly {fixed} (its input's first dimension is "
@@ -54,10 +56,12 @@ def join(parts: Sequence[T], fixed: int) -> T:
     return torch.cat(list(parts)) if isinstance(first, torch.Tensor) else np.concatenate(parts)
 
 
-def run_sliced(run: Callable[[list], Sequence[T]], inputs: Sequence[T], fixed: int | None) -> list[T] | None:
-    """``run`` on each slice of ``inputs`` and the outputs joined; None when no slicing is needed."""
-    parts = slices(int(inputs[0].shape[0]), fixed) if len(inputs) and inputs[0].ndim else None
+def run_feeds(run: Callable[[dict], list[np.ndarray]], feeds: dict[str, np.ndarray],
+              fixed: int | None) -> list[np.ndarray]:
+    """A runtime's ``run(feeds)``, slice by slice when the batch is larger than ``fixed``."""
+    names = list(feeds)
+    parts = slices([feeds[n] for n in names], fixed)
     if parts is None:
-        return None
-    results = [run([x[s] for x in inputs]) for s in parts]
+        return run(feeds)
+    results = [run({n: feeds[n][s] for n in names}) for s in parts]
     return [join([r[k] for r in results], fixed) for k in range(len(results[0]))]

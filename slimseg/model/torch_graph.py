@@ -196,7 +196,7 @@ class TorchGraph(nn.Module):
         ``{name: Tensor}`` of every graph output and every tapped tensor. ``only_taps`` runs
         just the nodes the taps need and returns only them (a partial forward). A graph with a
         fixed batch size runs a larger batch in slices of that size (see :mod:`~slimseg.model.batching`)."""
-        parts = slices(int(inputs[0].shape[0]), self.fixed_batch) if inputs and inputs[0].ndim else None
+        parts = slices(inputs, self.fixed_batch)
         if parts is not None:
             results = [self.forward(*(x[s] for x in inputs), taps=taps, only_taps=only_taps) for s in parts]
             return _join_results(results, self.fixed_batch)
@@ -216,7 +216,7 @@ class TorchGraph(nn.Module):
     def walk(self, *inputs: torch.Tensor, taps: Sequence[str]) -> "GraphWalk":
         """A forward of `inputs` run lazily, tap by tap (see :class:`GraphWalk`)."""
         taps = self._check_taps(taps)
-        parts = slices(int(inputs[0].shape[0]), self.fixed_batch) if inputs and inputs[0].ndim else None
+        parts = slices(inputs, self.fixed_batch)
         if parts is not None:
             return _SlicedWalk([GraphWalk(self, [x[s] for x in inputs], taps) for s in parts], self.fixed_batch)
         return GraphWalk(self, inputs, taps)
