@@ -163,3 +163,30 @@ def test_prune_lets_obs_choose_the_zeros_with_exact_counts():
     assert {layer["zeros"] for layer in report.layers if "zeros" in layer} == set(zeros.values())
     assert "mask" not in str(report.to_dict())
     assert relative_error(student, teacher, held_out) < relative_error(magnitude, teacher, held_out)
+
+
+def test_output_gains_measure_how_much_of_an_error_reaches_the_taps():
+    """conv_b writes the tap (gain 1); conv_a's output is scaled by 3 and passed through
+    conv_b's identity weights, so an error there arrives 9 times as large; the tensor that
+    only a discarded branch reads moves nothing."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimseg.compress.prune.reconstruct import output_gains
+
+    eye = np.eye(4, dtype=np.float32).reshape(4, 4, 1, 1)
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "wa"),
+             numpy_helper.from_array(eye, "wb"), numpy_helper.from_array(eye.copy(), "wc"),
+             numpy_helper.from_array(np.array(3.0, np.float32), "three")]
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"]), helper.make_node("Mul", ["a", "three"], ["a3"]),
+             helper.make_node("Conv", ["a3", "wb"], ["y"]), helper.make_node("Conv", ["a", "wc"], ["side"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("side", TensorProto.FLOAT, None)], inits)
+    model = TorchGraph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    batches = [torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)]
+    gains = output_gains(model, batches, ["wa", "wb", "wc"], ["y"])
+    assert gains["wb"] == pytest.approx(1.0, rel=1e-5)
+    assert gains["wa"] == pytest.approx(9.0, rel=1e-4)
+    assert gains["wc"] == 0.0
+    assert not model._hooked  # the noise is gone again

@@ -292,6 +292,45 @@ def layer_systems(graph: TorchGraph, batches: Sequence[torch.Tensor],
     return systems
 
 
+class _Noise(torch.nn.Module):
+    """Adds Gaussian noise of ``scale`` times the tensor's RMS, and counts its energy."""
+
+    def __init__(self, scale: float, seed: int):
+        super().__init__()
+        self.scale, self.generator, self.energy = scale, torch.Generator().manual_seed(seed), 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(x.shape, generator=self.generator).to(x) * (self.scale * float(x.pow(2).mean().sqrt()))
+        self.energy += float(noise.double().pow(2).sum())
+        return x + noise
+
+
+@torch.no_grad()
+def output_gains(graph: TorchGraph, batches: Sequence[torch.Tensor], weights: Sequence[str],
+                 taps: Sequence[str], *, scale: float = 0.05, seed: int = 0) -> dict[str, float]:
+    """Per named conv weight, how much of an error at its conv's output reaches ``taps``:
+    ``||d taps||^2 / ||d output||^2`` for small Gaussian noise added there. A layer's OBS
+    costs are errors at its own output; times this gain they are errors where the model is
+    judged, which makes layers comparable (the wide decoder convs of PP-HumanSeg-Lite looked
+    cheap relative to their own output energy, yet feed the logits almost directly)."""
+    nodes = refittable(graph, weights)
+    was_training = graph.training
+    graph.eval()
+    clean = [graph(images, taps=list(taps), only_taps=True) for images in batches]
+    gains = {}
+    for name, node in nodes.items():
+        noise = _Noise(scale, seed)
+        graph.attach(node.output[0], noise)
+        try:
+            moved = sum(float((graph(images, taps=list(taps), only_taps=True)[t] - base[t]).double().pow(2).sum())
+                        for images, base in zip(batches, clean) for t in taps)
+        finally:
+            graph.detach(node.output[0])
+        gains[name] = moved / max(noise.energy, 1e-30)
+    graph.train(was_training)
+    return gains
+
+
 def refittable(graph: TorchGraph, weights: Sequence[str]) -> dict[str, onnx.NodeProto]:
     """Weight -> conv node, for the named weights whose group-1 conv :func:`reconstruct_layers`
     refits (and may prune by OBS); the rest it skips."""

