@@ -15,7 +15,7 @@ import onnx
 
 from slimseg.errors import (ConfigError, DataError, MissingDependencyError, ModelLoadError, SlimsegError,
                             did_you_mean)
-from slimseg.model.batching import run_feeds
+from slimseg.model.batching import run_feeds, shared_batch
 
 ModelLike = onnx.ModelProto | str | Path
 
@@ -114,7 +114,7 @@ class OrtRuntime:
         self.optimization = optimization
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.fixed_batch = _common_first_dim([i.shape for i in self.session.get_inputs()])
+        self.fixed_batch = shared_batch([i.shape[0] if i.shape else None for i in self.session.get_inputs()])
 
     @staticmethod
     def _options(ort, threads: int, optimization: str, profile: bool):
@@ -188,8 +188,8 @@ class OpenVinoRuntime:
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
         self.output_names = [p.get_any_name() for p in self.compiled.outputs]
         shapes = [p.get_partial_shape() for p in self.compiled.inputs]
-        self.fixed_batch = _common_first_dim([[s[0].get_length() if s.rank.is_static and len(s) and s[0].is_static
-                                               else None] for s in shapes])
+        self.fixed_batch = shared_batch([s[0].get_length() if s.rank.is_static and len(s) and s[0].is_static
+                                         else None for s in shapes])
         # what the plugin actually chose: f16 falls back to f32 on CPUs without it, for example
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
@@ -199,9 +199,3 @@ class OpenVinoRuntime:
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.request.infer(feeds)
         return [np.asarray(result[port]) for port in self.compiled.outputs]
-
-
-def _common_first_dim(shapes: list) -> int | None:
-    """The first dimension all inputs share when it is fixed (see slimseg.model.batching)."""
-    firsts = {shape[0] if len(shape) and isinstance(shape[0], int) and shape[0] > 0 else None for shape in shapes}
-    return firsts.pop() if len(firsts) == 1 else None

@@ -23,14 +23,18 @@ T = TypeVar("T", np.ndarray, torch.Tensor)
 def fixed_batch(model: onnx.ModelProto) -> int | None:
     """The batch size a model's inputs are fixed to, or None when any of them is dynamic."""
     constants = {i.name for i in model.graph.initializer}
-    sizes = set()
+    firsts = []
     for value in model.graph.input:
-        if value.name in constants:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
-            return None
-        sizes.add(int(dims[0].dim_value))
+        if value.name not in constants:
+            dims = value.type.tensor_type.shape.dim
+            firsts.append(dims[0].dim_value if dims and dims[0].HasField("dim_value") else None)
+    return shared_batch(firsts)
+
+
+def shared_batch(firsts: Sequence) -> int | None:
+    """The inputs' first dimensions as one fixed batch size, or None when any is dynamic
+    (None, a name, <= 0) or they differ."""
+    sizes = {int(d) if isinstance(d, int) and d > 0 else None for d in firsts}
     return sizes.pop() if len(sizes) == 1 else None
 
 

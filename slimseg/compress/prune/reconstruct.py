@@ -353,8 +353,7 @@ def _magnitude_keep(weight: torch.Tensor, prune: tuple[int, int] | NM, biased: b
     else:
         zeros, rows = prune
         units = (-(-weight.shape[0] // rows)) * weight[0].numel()
-        keep = torch.zeros_like(weight) if zeros >= units else \
-            magnitude_masks({"w": weight.detach()}, zeros / units, local=True, block=(1, rows))["w"]
+        keep = magnitude_masks({"w": weight.detach()}, zeros / units, local=True, block=(1, rows))["w"]
     keep = keep.reshape(1, weight.shape[0], -1).double()
     return torch.cat([keep, keep.new_ones(1, weight.shape[0], 1)], 2) if biased else keep
 

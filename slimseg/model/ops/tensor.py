@@ -126,8 +126,7 @@ def size(x):
 def gather(x, idx, *, axis: int = 0):
     """out.shape = x.shape[:axis] + idx.shape + x.shape[axis+1:]; negative indices wrap."""
     axis %= x.dim()
-    idx = idx.to(device=x.device, dtype=torch.int64)
-    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    idx = _wrap(idx, x.shape[axis], x.device)
     y = x.index_select(axis, idx.reshape(-1))
     return y.reshape(list(x.shape[:axis]) + list(idx.shape) + list(x.shape[axis + 1:]))
 

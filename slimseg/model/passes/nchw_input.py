@@ -15,6 +15,7 @@ import onnx
 from onnx import helper
 
 from slimseg.model.passes._graph import PassResult, copy_model, image_input
+from slimseg.model.passes._rewrite import GraphIndex, attr
 
 LAYOUT_KEY = "slimseg.input_layout"
 TO_NCHW = [0, 3, 1, 2]
@@ -51,7 +52,7 @@ def restore(model: onnx.ModelProto) -> onnx.ModelProto:
     model = copy_model(model)
     graph = model.graph
     value = image_input(model)
-    inner = _fresh_name(graph, f"{value.name}_nchw")
+    inner = GraphIndex(model).fresh(f"{value.name}_nchw")
     for node in graph.node:
         node.input[:] = [inner if name == value.name else name for name in node.input]
     graph.node.insert(0, helper.make_node("Transpose", [value.name], [inner], name=inner, perm=TO_NCHW))
@@ -64,8 +65,7 @@ def restore(model: onnx.ModelProto) -> onnx.ModelProto:
 def _is_to_nchw(node: onnx.NodeProto, name: str) -> bool:
     if node.op_type != "Transpose" or list(node.input) != [name]:
         return False
-    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-    return perm == TO_NCHW
+    return list(attr(node, "perm", [])) == TO_NCHW
 
 
 def _permute(value: onnx.ValueInfoProto, perm: list[int]) -> None:
@@ -78,11 +78,3 @@ def _permute(value: onnx.ValueInfoProto, perm: list[int]) -> None:
     for dim, new in zip(dims, copies):
         dim.CopyFrom(new)
 
-
-def _fresh_name(graph: onnx.GraphProto, base: str) -> str:
-    used = {n for node in graph.node for n in (*node.input, *node.output)}
-    used |= {v.name for v in (*graph.input, *graph.output)} | {i.name for i in graph.initializer}
-    name, k = base, 1
-    while name in used:
-        name, k = f"{base}_{k}", k + 1
-    return name
