@@ -96,8 +96,19 @@ class _QDQFn(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         lo, hi = ctx.bounds
-        # hardtanh's backward is exactly "grad where lo < x < hi, else 0", in one fused pass
-        return torch.ops.aten.hardtanh_backward(grad, x, lo, hi), None, None, None, None
+        # hardtanh's backward is exactly "grad where lo < x < hi, else 0", in one fused pass;
+        # but 3-5x slower when grad and x are laid out differently (a Concat's or a channel
+        # shuffle's backward hands over strided grads): one copy first costs less
+        return torch.ops.aten.hardtanh_backward(_layout_like(grad, x), x, lo, hi), None, None, None, None
+
+
+def _layout_like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad`` in ``x``'s memory layout (NCHW or channels-last) when they differ."""
+    if grad.dim() != 4 or grad.stride() == x.stride():
+        return grad
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+    return grad.contiguous(memory_format=layout)
 
 
 def fused_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int,
