@@ -362,30 +362,18 @@ def test_teacher_only_taps_drops_the_tail_and_matches():
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("faster", ["openvino", "onnxruntime"])
-def test_teacher_keeps_openvino_only_when_it_agrees_and_is_faster(faster, monkeypatch, recwarn):
+def test_teacher_runs_in_openvino_when_installed_and_it_agrees():
     pytest.importorskip("openvino")
-    from slimseg.compress import teacher as teachers
-    from slimseg.hardware.runtime import OpenVinoRuntime
+    from slimseg.compress.teacher import RuntimeTeacher
 
     model = conv_bn_head()
     x = torch.randn(2, 3, 8, 8)
-    teacher = teachers.RuntimeTeacher(model, ["feat"], only_taps=True)
-    assert teacher.runtime_name == "openvino" and "first batch" in teacher.describe()
-    timed = []
-
-    def seconds(runtime, inputs):
-        name = "openvino" if isinstance(runtime, OpenVinoRuntime) else "onnxruntime"
-        timed.append(name)
-        return 0.5 if name == faster else 1.0
-
-    monkeypatch.setattr(teachers, "run_seconds", seconds)
+    teacher = RuntimeTeacher(model, ["feat"], only_taps=True)
+    assert teacher.runtime_name == "openvino"
     first, second = teacher(x, ["feat"])["feat"], teacher(x, ["feat"])["feat"]
-    assert sorted(timed) == sorted(["onnxruntime", "openvino"] * teachers.TIMED_RUNS)  # timed once, at the first batch
-    assert teacher.runtime_name == faster == teacher.describe() and teacher._reference is None
-    assert not [w for w in recwarn if "teacher" in str(w.message)]  # slower is no fault
+    assert teacher.runtime_name == "openvino" and teacher._reference is None  # checked once, then dropped
     torch.testing.assert_close(second, first, rtol=1e-4, atol=1e-5)
-    plain = teachers.RuntimeTeacher(model, ["feat"], only_taps=True, runtime="onnxruntime")
+    plain = RuntimeTeacher(model, ["feat"], only_taps=True, runtime="onnxruntime")
     assert plain.runtime_name == "onnxruntime"
     torch.testing.assert_close(second, plain(x, ["feat"])["feat"], rtol=1e-4, atol=1e-5)
 

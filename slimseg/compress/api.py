@@ -300,7 +300,7 @@ def _qat(sim, teacher_model, strategy, val, train_set, nodes, *, progress: bool,
         best.update(iteration=iteration, metric=metric, state=copy.deepcopy(sim.state_dict()))
 
     say(f"QAT: {total} iterations at batch {batch_size}, distilling {nodes} (teacher in "
-        f"{distiller.teacher.describe()})")
+        f"{distiller.teacher.runtime_name})")
     result = train(distiller, params, loader, train_cfg=cfg, total_iters=total, evaluate=evaluate_now,
                    on_best=on_best, progress=progress, log=say, session=session and session.for_stage("qat"),
                    state={"best": best})

@@ -56,7 +56,7 @@ def distill_finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, *, stra
                     state={k: v.detach().clone() for k, v in graph.state_dict().items()})
 
     say(f"fine-tuning: {total} iterations at batch {batch_size}, distilling {list(nodes)} (teacher in "
-        f"{distiller.teacher.describe()}); {clip_note}")
+        f"{distiller.teacher.runtime_name}); {clip_note}")
     result = train(distiller, params, distill_loader(train_set, batch_size, cfg.seed, distiller),
                    train_cfg=cfg, total_iters=total, evaluate=evaluate_now, on_best=on_best,
                    progress=progress, log=say, session=session and session.for_stage("finetune"),

@@ -4,16 +4,14 @@ The teacher never trains, so it need not run in torch: an inference runtime comp
 tensors several times faster on CPU, which matters when every QAT step runs it once. Its
 distillation tensors are added as extra graph outputs.
 
-Which runtime is measured, not assumed: with OpenVINO installed (the ``openvino`` extra) both
-run the first batch, and OpenVINO keeps the job only if it computed the same tensors and ran
-faster. It ran PP-HumanSeg-Lite's teacher at batch 8 and 2 threads in 46 ms against
-onnxruntime's 76 ms, a tenth of a QAT iteration, but tiny models and batches sliced for a
-fixed-batch export ran 2-4x slower in it (its per-call overhead); and it reads some graphs
-differently or not at all (BENCHMARKS.md). Without OpenVINO, onnxruntime runs the teacher.
+Which runtime: OpenVINO when it is installed (the ``openvino`` extra), else onnxruntime.
+OpenVINO ran PP-HumanSeg-Lite's teacher at batch 8 and 2 threads in 46 ms against
+onnxruntime's 76 ms, a tenth of a QAT iteration (BENCHMARKS.md). It is trusted only after it
+agrees with onnxruntime on the first batch (it reads some graphs differently or not at all);
+otherwise onnxruntime runs the teacher, as it does when OpenVINO is absent.
 """
 from __future__ import annotations
 
-import time
 import warnings
 from typing import Sequence
 
@@ -27,7 +25,6 @@ TEACHER_RUNTIMES = ("auto", "onnxruntime", "openvino")
 # OpenVINO's outputs may differ from onnxruntime's by float rounding (5e-6 of 8.5 seen); more
 # than this share of the reference's largest magnitude means it computed something else
 AGREEMENT = 1e-3
-TIMED_RUNS = 3  # per runtime at the first batch: two let noise pick onnxruntime once in three
 
 
 class RuntimeTeacher(nn.Module):
@@ -36,9 +33,8 @@ class RuntimeTeacher(nn.Module):
     ``only_taps``: compute just the tapped tensors, not the graph outputs. Distillation taps
     usually sit before the head's full-resolution Resize and Softmax, which cost the teacher
     about a fifth of its time at batch 8 and serve no loss. ``runtime``: ``auto`` (OpenVINO
-    if installed, agreeing with onnxruntime and faster on the first batch), ``onnxruntime`` or
-    ``openvino`` (no check). The runtime in use is ``self.runtime_name`` (decided at the first
-    batch under ``auto``; :meth:`describe` says so before).
+    if installed and it agrees with onnxruntime on the first batch), ``onnxruntime`` or
+    ``openvino`` (no check). The runtime in use is ``self.runtime_name``.
     """
 
     def __init__(self, model: onnx.ModelProto, taps: Sequence[str], *, threads: int | None = None,
@@ -76,26 +72,14 @@ class RuntimeTeacher(nn.Module):
             return out[self.names[0]]
         return out
 
-    def describe(self) -> str:
-        """The runtime, or the choice still to be made at the first batch."""
-        if self._reference is not None:
-            return "OpenVINO or onnxruntime, the faster on the first batch"
-        return self.runtime_name
-
     def _checked_run(self, x: np.ndarray) -> list[np.ndarray]:
-        """The first batch: onnxruntime's values; OpenVINO stays only if it computed the same
-        and ran faster (the best of ``TIMED_RUNS`` runs each, alternating, after these warm-up runs)."""
+        """The first batch: onnxruntime's values; OpenVINO stays only if it computed the same."""
         reference, self._reference = self._reference, None
         expected = reference.run(x)
         try:
             got = self.runtime.run(x)
             worst = max(float(np.abs(g - e).max()) / max(float(np.abs(e).max()), 1e-6)
                         for g, e in zip(got, expected))
-            if worst <= AGREEMENT:
-                seconds = {"openvino": [], "onnxruntime": []}
-                for _ in range(TIMED_RUNS):
-                    seconds["onnxruntime"].append(run_seconds(reference, x))
-                    seconds["openvino"].append(run_seconds(self.runtime, x))
         except Exception as err:  # noqa: BLE001 - any OpenVINO failure means: use onnxruntime
             worst, detail = float("inf"), f"failed ({err})"
         else:
@@ -103,16 +87,7 @@ class RuntimeTeacher(nn.Module):
         if not worst <= AGREEMENT:
             warnings.warn(f"teacher: OpenVINO {detail}; running the teacher in onnxruntime", stacklevel=2)
             self.runtime, self.runtime_name = reference, "onnxruntime"
-        elif min(seconds["onnxruntime"]) <= min(seconds["openvino"]):
-            self.runtime, self.runtime_name = reference, "onnxruntime"
         return expected
-
-
-def run_seconds(runtime, x: np.ndarray) -> float:
-    """Wall seconds of one ``runtime.run(x)``."""
-    tic = time.perf_counter()
-    runtime.run(x)
-    return time.perf_counter() - tic
 
 
 def _openvino(model: onnx.ModelProto, threads: int, names: list[str], *, required: bool):

@@ -77,7 +77,7 @@ def sparsify(loaded_or_onnx, config, *, strategy, train_set, val_set, progress: 
     tracker = _BestAtFinal(student, sparsifier, val_set, final_ratio)
     train_cfg = replace(cfg, target_metric=None) if sparsifier.policy.ratio_after(0) != final_ratio else cfg
     say(f"sparsity: {len(sparsifier.params)} weights ({_describe(config)}), {total} iterations at batch "
-        f"{batch_size}, distilling {nodes} (teacher in {distiller.teacher.describe()}); {clip_note}")
+        f"{batch_size}, distilling {nodes} (teacher in {distiller.teacher.runtime_name}); {clip_note}")
     reconstruction = None
     if _refits(config) and sparsifier.policy.ratio_after(0) == final_ratio:  # one-shot masks
         reconstruction = _refit(student, sparsifier, final_ratio, teacher if teacher is not None else original,
