@@ -291,8 +291,6 @@ def test_sparsify_end_to_end_on_a_tiny_model(tmp_path):
     assert summary["sparsity"] == pytest.approx(0.75, abs=0.02)
     assert all(r["sparsity"] >= 0.7 for r in summary["layers"])
     assert summary["iterations"] == 6 and summary["best_iteration"] in (4, 6)  # only at the final ratio
-    assert summary["teacher_runtime"] in ("openvino", "onnxruntime")
-    assert any(f"(teacher in {summary['teacher_runtime']})" in line for line in lines)
     assert "clipped" in summary["grad_clip"]
     assert "BatchNormalization" not in {n.op_type for n in model.graph.node}
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

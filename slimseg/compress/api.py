@@ -299,8 +299,7 @@ def _qat(sim, teacher_model, strategy, val, train_set, nodes, *, progress: bool,
     def on_best(iteration: int, metric: float) -> None:
         best.update(iteration=iteration, metric=metric, state=copy.deepcopy(sim.state_dict()))
 
-    say(f"QAT: {total} iterations at batch {batch_size}, distilling {nodes} (teacher in "
-        f"{distiller.teacher.runtime_name})")
+    say(f"QAT: {total} iterations at batch {batch_size}, distilling {nodes}")
     result = train(distiller, params, loader, train_cfg=cfg, total_iters=total, evaluate=evaluate_now,
                    on_best=on_best, progress=progress, log=say, session=session and session.for_stage("qat"),
                    state={"best": best})
@@ -310,7 +309,6 @@ def _qat(sim, teacher_model, strategy, val, train_set, nodes, *, progress: bool,
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
     summary["history"] = result.history
     summary["batch_size"] = batch_size
-    summary["teacher_runtime"] = distiller.teacher.runtime_name
     return summary
 
 

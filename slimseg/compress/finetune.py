@@ -55,8 +55,7 @@ def distill_finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, *, stra
         best.update(iteration=iteration, metric=metric,
                     state={k: v.detach().clone() for k, v in graph.state_dict().items()})
 
-    say(f"fine-tuning: {total} iterations at batch {batch_size}, distilling {list(nodes)} (teacher in "
-        f"{distiller.teacher.runtime_name}); {clip_note}")
+    say(f"fine-tuning: {total} iterations at batch {batch_size}, distilling {list(nodes)}; {clip_note}")
     result = train(distiller, params, distill_loader(train_set, batch_size, cfg.seed, distiller),
                    train_cfg=cfg, total_iters=total, evaluate=evaluate_now, on_best=on_best,
                    progress=progress, log=say, session=session and session.for_stage("finetune"),

@@ -77,7 +77,7 @@ def sparsify(loaded_or_onnx, config, *, strategy, train_set, val_set, progress: 
     tracker = _BestAtFinal(student, sparsifier, val_set, final_ratio)
     train_cfg = replace(cfg, target_metric=None) if sparsifier.policy.ratio_after(0) != final_ratio else cfg
     say(f"sparsity: {len(sparsifier.params)} weights ({_describe(config)}), {total} iterations at batch "
-        f"{batch_size}, distilling {nodes} (teacher in {distiller.teacher.runtime_name}); {clip_note}")
+        f"{batch_size}, distilling {nodes}; {clip_note}")
     reconstruction = None
     if _refits(config) and sparsifier.policy.ratio_after(0) == final_ratio:  # one-shot masks
         reconstruction = _refit(student, sparsifier, final_ratio, teacher if teacher is not None else original,
@@ -91,8 +91,7 @@ def sparsify(loaded_or_onnx, config, *, strategy, train_set, val_set, progress: 
     student.eval()
     exported = student.to_onnx()
     check_zeros(exported, sparsifier.masks)
-    summary = _summary(config, sparsifier, result, tracker, nodes, batch_size, clip_note,
-                       distiller.teacher.runtime_name)
+    summary = _summary(config, sparsifier, result, tracker, nodes, batch_size, clip_note)
     if reconstruction is not None:
         summary["reconstruction"] = reconstruction.to_dict()
     best = "none at the final sparsity" if tracker.best is None else \
@@ -272,8 +271,7 @@ def _describe(config) -> str:
     return f"{c.prune_strategy or 'one-shot'} {what} {scope}, {c.prune_params_type or 'all convs'}{block}{chosen}"
 
 
-def _summary(config, sparsifier, result, tracker, nodes, batch_size, clip_note,
-             teacher_runtime: str) -> dict[str, Any]:
+def _summary(config, sparsifier, result, tracker, nodes, batch_size, clip_note) -> dict[str, Any]:
     layers = sparsifier.sparsity_report()
     total = sum(int(np.prod(r["shape"])) for r in layers)
     return {
@@ -290,7 +288,6 @@ def _summary(config, sparsifier, result, tracker, nodes, batch_size, clip_note,
         "history": result.history,
         "batch_size": batch_size,
         "distill_nodes": nodes,
-        "teacher_runtime": teacher_runtime,
         "grad_clip": clip_note,
     }
 
