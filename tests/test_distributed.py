@@ -26,7 +26,7 @@ def worker(model_path: Path, data: str, out: Path) -> None:
     from slimseg.compress.finetune import distill_loader
     from slimseg.compress.quant.placement import plan_quantization
     from slimseg.compress.quant.simulator import QuantSimulator
-    from slimseg.compress.teacher import RuntimeTeacher
+    from slimseg.compress.teacher import OrtTeacher
     from slimseg.config import Distillation, TrainConfig
     from slimseg.config.train import OptimizerBuilder, OptimizerSpec
     from slimseg.data import build_dataset
@@ -44,7 +44,7 @@ def worker(model_path: Path, data: str, out: Path) -> None:
         for p in sim.graph.parameters():
             p.add_(0.05 * torch.randn(p.shape))
     nodes = ["logits"]
-    distiller = Distiller(sim, RuntimeTeacher(teacher, nodes, threads=1), Distillation(node=nodes), nodes=nodes)
+    distiller = Distiller(sim, OrtTeacher(teacher, nodes, threads=1), Distillation(node=nodes), nodes=nodes)
     params = [p for p in sim.graph.parameters() if p.is_floating_point()]
     cfg = TrainConfig(train_iter=8, eval_iter=4, learning_rate=0.05, batch_size=4,
                       optimizer_builder=OptimizerBuilder(optimizer=OptimizerSpec(type="Momentum")))

@@ -235,12 +235,12 @@ def _quantize(model, teacher, strategy, val, train_set, nodes, *, masked=None, r
         bias_correct(sim, batches, report)
         say(f"bias correction in {report.bias_correction_seconds:.1f} s")
     if strategy.quant_post is not None and post.recon_level:
-        from slimseg.compress.teacher import RuntimeTeacher
+        from slimseg.compress.teacher import OrtTeacher
 
         if post.regions:
             say("QuantPost.regions is ignored: slimseg reconstructs all layers jointly")
         iterations = max(1, post.epochs) * len(batches)
-        reconstruct(sim, RuntimeTeacher(teacher, nodes), batches, nodes, report,
+        reconstruct(sim, OrtTeacher(teacher, nodes), batches, nodes, report,
                     iterations=iterations, lr=post.lr if post.lr < 1 else 1e-2, progress=progress)
         say(f"reconstruction ({iterations} steps) in {report.reconstruction['seconds']:.1f} s")
     summary: dict[str, Any] = {
@@ -258,9 +258,9 @@ def _quantize(model, teacher, strategy, val, train_set, nodes, *, masked=None, r
 
 def _qat(sim, teacher_model, strategy, val, train_set, nodes, *, progress: bool, say,
          session=None) -> dict[str, Any]:
-    """Quantization-aware training distilled from the original model (the teacher in an inference runtime)."""
+    """Quantization-aware training distilled from the original model (teacher in onnxruntime)."""
     from slimseg.compress.distill import Distiller
-    from slimseg.compress.teacher import RuntimeTeacher
+    from slimseg.compress.teacher import OrtTeacher
     from slimseg.config import TrainConfig
     from slimseg.compress.finetune import distill_loader
     from slimseg.evaluate import evaluate
@@ -272,7 +272,7 @@ def _qat(sim, teacher_model, strategy, val, train_set, nodes, *, progress: bool,
     cfg = strategy.train_config or TrainConfig()
     batch_size = strategy.train_batch_size(8)
     total = default_total_iters(cfg, len(train_set), batch_size)
-    distiller = Distiller(sim, RuntimeTeacher(teacher_model, nodes, only_taps=True), strategy.distillation, nodes=nodes)
+    distiller = Distiller(sim, OrtTeacher(teacher_model, nodes, only_taps=True), strategy.distillation, nodes=nodes)
     if hasattr(train_set, "cache_decoded"):
         train_set.cache_decoded()  # every image is read once per epoch for many epochs
     sim.quantize(True)

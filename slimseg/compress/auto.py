@@ -519,7 +519,7 @@ class _Context:
     def cost_prior(self, batch_size: int = 8) -> CostModel:
         """Before any run: a run costs ~5 val evaluations (baseline, calibration, agreement, final,
         latency); a training step 1.5 timed forward+backward passes of the float model on a batch
-        (the rest: the teacher's inference, data, the optimizer)."""
+        (the rest: the teacher in onnxruntime, data, the optimizer)."""
         return CostModel(overhead=5 * self.eval_seconds, per_iter=1.5 * _time_train_step(self.loaded, batch_size))
 
     # -- estimates --

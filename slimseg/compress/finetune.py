@@ -1,11 +1,10 @@
 """Distillation fine-tuning of a float student: what recovers accuracy after channel pruning.
 
 The student is any ONNX graph (here: the pruned model) run as a TorchGraph; the teacher is the
-original model in an inference runtime (:mod:`slimseg.compress.teacher`), and the loss is
-taken on distillation tensors both graphs have with the same shape (the default node, the last
-layer before the head's resize, is never pruned: its channels are the classes). Batches and
-their teacher tensors are prepared in a background thread; the best checkpoint by val mIoU
-(exported ONNX, onnxruntime) is kept.
+original model in onnxruntime, and the loss is taken on distillation tensors both graphs have
+with the same shape (the default node, the last layer before the head's resize, is never pruned:
+its channels are the classes). Batches and their teacher tensors are prepared in a background
+thread; the best checkpoint by val mIoU (exported ONNX, onnxruntime) is kept.
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ def distill_finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, *, stra
     ``session``: a :class:`~slimseg.train.TrainSession` (checkpoints, device)."""
     from slimseg.compress.distill import Distiller
     from slimseg.compress.prune.stage import safe_train_config
-    from slimseg.compress.teacher import RuntimeTeacher
+    from slimseg.compress.teacher import OrtTeacher
     from slimseg.evaluate import evaluate
     from slimseg.model.torch_graph import TorchGraph
     from slimseg.train import default_total_iters, train
@@ -37,7 +36,7 @@ def distill_finetune(student: onnx.ModelProto, teacher: onnx.ModelProto, *, stra
     cfg, clip_note = safe_train_config(strategy.train_config)
     batch_size = strategy.train_batch_size(8)
     total = default_total_iters(cfg, len(train_set), batch_size)
-    distiller = Distiller(graph, RuntimeTeacher(teacher, list(nodes), only_taps=True), strategy.distillation, nodes=list(nodes))
+    distiller = Distiller(graph, OrtTeacher(teacher, list(nodes), only_taps=True), strategy.distillation, nodes=list(nodes))
     if hasattr(train_set, "cache_decoded"):
         train_set.cache_decoded()
     params = [p for p in graph.parameters() if p.is_floating_point()]

@@ -2,11 +2,10 @@
 
 The float student is the BN-folded graph in a TorchGraph (folding first puts the masks on the
 weights that are deployed: a zero in ``W * gamma / sigma`` is a zero in ``W``); the teacher is
-the original model in an inference runtime (:mod:`slimseg.compress.teacher`). A
-:class:`~slimseg.compress.prune.gmp.Sparsifier` sets and keeps the masks, evaluation runs on the
-exported ONNX in onnxruntime, and the best checkpoint is taken only among evaluations at the
-final sparsity (an early, denser model scores higher but is not what was asked for). The
-exported weights are checked to be exactly zero where masked.
+the original model in onnxruntime. A :class:`~slimseg.compress.prune.gmp.Sparsifier` sets and
+keeps the masks, evaluation runs on the exported ONNX in onnxruntime, and the best checkpoint
+is taken only among evaluations at the final sparsity (an early, denser model scores higher but
+is not what was asked for). The exported weights are checked to be exactly zero where masked.
 
 Divergence: ACT with the seed's SGD at lr 0.005 went to NaN. Without a configured
 ``grad_clip`` slimseg clips the global gradient norm at :data:`DEFAULT_CLIP_NORM`: a step then
@@ -44,7 +43,7 @@ def sparsify(loaded_or_onnx, config, *, strategy, train_set, val_set, progress: 
     from slimseg.compress.distill import Distiller, strategy_distill_nodes
     from slimseg.compress.finetune import distill_loader
     from slimseg.compress.prune.gmp import Sparsifier
-    from slimseg.compress.teacher import RuntimeTeacher
+    from slimseg.compress.teacher import OrtTeacher
     from slimseg.model.passes import fold_batchnorm
     from slimseg.model.torch_graph import TorchGraph
     from slimseg.train import default_total_iters, train
@@ -67,7 +66,7 @@ def sparsify(loaded_or_onnx, config, *, strategy, train_set, val_set, progress: 
         say(f"the GMP schedule reaches only {final_ratio:.3f} of the ratio {target} within {total} "
             "iterations: lengthen TrainConfig or shorten gmp_config")
     nodes = list(nodes or strategy_distill_nodes(strategy, original))
-    distiller = Distiller(student, RuntimeTeacher(teacher if teacher is not None else original, nodes, only_taps=True),
+    distiller = Distiller(student, OrtTeacher(teacher if teacher is not None else original, nodes, only_taps=True),
                           strategy.distillation, nodes=nodes)
     if hasattr(train_set, "cache_decoded"):
         train_set.cache_decoded()
