@@ -103,12 +103,15 @@ class _QDQFn(torch.autograd.Function):
 
 
 def _layout_like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``grad`` in ``x``'s memory layout (NCHW or channels-last) when they differ."""
+    """``grad`` in ``x``'s memory layout (NCHW or channels-last) when they differ; as is
+    when ``x`` itself is a strided view (no layout to match)."""
     if grad.dim() != 4 or grad.stride() == x.stride():
         return grad
-    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
-    return grad.contiguous(memory_format=layout)
+    if x.is_contiguous():
+        return grad.contiguous()
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return grad.contiguous(memory_format=torch.channels_last)
+    return grad
 
 
 def fused_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int,
