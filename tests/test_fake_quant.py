@@ -91,7 +91,6 @@ def test_training_path_is_the_same_quantizer_up_to_ties(signed):
     assert torch.all(x.grad[inside] == 1) and torch.all(x.grad[outside] == 0)
 
 
-
 @pytest.mark.parametrize("x_layout", [torch.channels_last, torch.contiguous_format])
 def test_training_gradient_is_the_same_whatever_layout_the_gradient_arrives_in(x_layout):
     """A Concat's backward hands a strided slice of a larger gradient: the straight-through
@@ -114,6 +113,7 @@ def test_training_gradient_is_the_same_whatever_layout_the_gradient_arrives_in(x
     assert _layout_like(upstream[:, 2:8], base).stride() == base.stride()
     strided = upstream[:, 2:8]  # x a strided view too: no layout to match, left alone
     assert _layout_like(strided, upstream[:, 1:7]) is strided
+
 
 def test_ties_round_half_to_even():
     x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5])
