@@ -360,3 +360,22 @@ def test_ort_teacher_only_taps_drops_the_tail_and_matches():
     torch.testing.assert_close(part(x, ["feat"])["feat"], whole(x, ["feat"])["feat"])
     torch.testing.assert_close(part(x, ["feat"])["feat"], TorchGraph(model)(x, taps=["feat"])["feat"],
                                rtol=1e-4, atol=1e-5)
+
+
+def test_ort_teacher_threads_sleep_between_runs_while_latency_sessions_spin():
+    from slimseg.compress.teacher import OrtTeacher
+    from slimseg.hardware.runtime import OrtRuntime
+
+    def spinning(runtime) -> str:
+        try:
+            return runtime.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: onnxruntime's default, spinning
+            return "default"
+
+    model = conv_bn_head()
+    teacher = OrtTeacher(model, ["feat"], threads=2)
+    assert spinning(teacher.runtime) == "0"  # torch trains on the same cores between its runs
+    assert spinning(OrtRuntime(model, threads=2)) != "0"  # deployed sessions spin: latency as deployed
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(teacher(x, ["feat"])["feat"], TorchGraph(model)(x, taps=["feat"])["feat"],
+                               rtol=1e-4, atol=1e-5)

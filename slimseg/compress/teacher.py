@@ -35,7 +35,8 @@ class OrtTeacher(nn.Module):
         present = {o.name for o in augmented.graph.output}
         augmented.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in taps if t not in present)
         self.names = [o.name for o in augmented.graph.output]
-        self.runtime = OrtRuntime(augmented, threads=threads or torch.get_num_threads())
+        # torch trains between its runs on the same cores: its threads must not spin meanwhile
+        self.runtime = OrtRuntime(augmented, threads=threads or torch.get_num_threads(), spin=False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, taps: Sequence[str] | None = None):
