@@ -280,3 +280,34 @@ def test_pruning_a_pruned_model_maps_its_gather():
     twice, report = prune_channels(once, 0.3)
     assert report.removed
     assert_exact(once, twice, report)
+
+
+def test_channels_behind_a_classic_group_norm_with_a_dynamic_batch_are_pruned(tmp_path):
+    """The classic exporter writes GroupNorm as Reshape(N, G, -1) -> InstanceNorm -> Reshape(x,
+    Shape(conv)): onnx's shape inference loses every shape after it when N is symbolic, so the
+    convs behind it used to keep all their channels without a word."""
+    torch = pytest.importorskip("torch")
+    from slimseg.model.importers import load_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.norm = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.GroupNorm(4, 16)
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU())
+            self.head = torch.nn.Conv2d(16, 3, 1)
+
+        def forward(self, x):
+            return self.head(self.body(torch.relu(self.norm(self.stem(x)))))
+
+    torch.manual_seed(0)
+    path = tmp_path / "gn.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(1, 3, HW, HW),), str(path), dynamo=False, opset_version=13,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+    model = load_model(path).onnx
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch stays symbolic
+    pruned, report = prune_channels(model, 0.5)
+    body = [n for n in model.graph.node if n.op_type == "Conv"][1:3]
+    assert all(conv.output[0] in report.removed for conv in body), report.removed
+    assert report.macs_after < report.macs_before
+    assert_exact(model, pruned, report)

@@ -231,12 +231,33 @@ def analyze(model: onnx.ModelProto) -> ChannelGraph:
 
 
 def _channel_shapes(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
-    """Channel count (dim 1) and rank of every tensor whose shape inference knows them."""
+    """Channel count (dim 1) and rank of every tensor whose shape inference knows them.
+
+    onnx's inference first; onnxruntime's symbolic inference when it left node outputs without
+    a shape: onnx loses everything behind a ``Reshape(x, Shape(y))`` with a symbolic batch (how
+    the classic exporter writes GroupNorm), which would leave those convs unprunable unsaid."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - shapes are best effort; unknown ones get pinned
         inferred = model
-    g = inferred.graph
+    channels, ranks = _read_shapes(inferred.graph)
+    if any(out and out not in ranks for node in model.graph.node for out in node.output):
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            symbolic = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        except Exception:  # noqa: BLE001 - missing sympy or an op it does not know: keep onnx's
+            symbolic = None
+        if symbolic is not None:
+            more_channels, more_ranks = _read_shapes(symbolic.graph)
+            channels = {**more_channels, **channels}
+            ranks = {**more_ranks, **ranks}
+    for init in model.graph.initializer:
+        ranks[init.name] = len(init.dims)
+    return channels, ranks
+
+
+def _read_shapes(g: onnx.GraphProto) -> tuple[dict[str, int], dict[str, int]]:
     channels, ranks = {}, {}
     for v in (*g.input, *g.value_info, *g.output):
         t = v.type.tensor_type
@@ -245,8 +266,6 @@ def _channel_shapes(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, i
         ranks[v.name] = len(t.shape.dim)
         if len(t.shape.dim) >= 2 and t.shape.dim[1].HasField("dim_value") and t.shape.dim[1].dim_value > 0:
             channels[v.name] = t.shape.dim[1].dim_value
-    for init in model.graph.initializer:
-        ranks[init.name] = len(init.dims)
     return channels, ranks
 
 
