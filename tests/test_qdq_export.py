@@ -242,3 +242,36 @@ def test_minmax_on_real_humanseg(assets, tmp_path):
     agree = [np.mean(sess.run(None, {"x": x})[0].argmax(1) == reference.run(None, {"x": x})[0].argmax(1))
              for x in _images(data, "val", 4)]
     assert np.mean(agree) >= 0.95
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_conv_transpose_bias_is_int32_only_when_each_output_channel_has_its_own_weight_scale(group):
+    """A ConvTranspose weight is [C_in, C_out / group, k, k]: its per-channel axis 1 has one
+    scale per output channel only when group is 1, so a grouped one keeps a float bias (an int32
+    bias had no scale to use: the simulator crashed in calibration or in the first QAT step)."""
+    from slimseg.compress.quant.ptq import calibrate
+    from slimseg.compress.quant.simulator import QuantSimulator
+
+    inits = ", ".join([_t("w1", [4, 3, 3, 3], 0.5), _t("b1", [4], 0.2),
+                       _t("wt", [4, 4 // group, 2, 2], 0.5), _t("bt", [4], 0.2)])
+    model = parse(f"""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 3, 8, 8] x) => (float[N, 4, 16, 16] y) <{inits}> {{
+      c1 = Conv <pads = [1, 1, 1, 1], kernel_shape = [3, 3]> (x, w1, b1)
+      r1 = Relu (c1)
+      y = ConvTranspose <strides = [2, 2], kernel_shape = [2, 2], group = {group}> (r1, wt, bt)
+    }}""")
+    plan = plan_quantization(model)
+    assert {w.initializer for w in plan.weights} == {"w1", "wt"}
+    assert {b.initializer for b in plan.biases} == ({"b1", "bt"} if group == 1 else {"b1"})
+
+    sim = QuantSimulator(model, plan)
+    x = torch.from_numpy(RNG.uniform(-1, 1, (2, 3, 8, 8)).astype(np.float32))
+    calibrate(sim, [x], algo="minmax")
+    sim.quantize(True)
+    simulated = sim(x).detach().numpy()
+    exported = sim.export()
+    got = session(exported).run(None, {"x": x.numpy()})[0]
+    reference = session(model).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, simulated, atol=0.05)
+    assert np.abs(got - reference).max() < 0.1 * np.abs(reference).max()

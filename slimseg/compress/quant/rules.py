@@ -180,6 +180,12 @@ def _conv_transpose_axis(node, rank):
     return 1
 
 
+def _conv_transpose_bias_ok(node):
+    """The weight is [C_in, C_out / group, ...]: axis 1 has a scale per output channel only
+    at group 1; a grouped one's bias has no ``s_x * s_w`` per entry and stays float."""
+    return attr(node, "group", 1) == 1
+
+
 def _gemm_axis(node, rank):
     return 0 if attr(node, "transB", 0) else 1
 
@@ -198,7 +204,7 @@ _ACT = FusedActivationRule()
 
 RULES: dict[str, Rule] = {
     "Conv": WeightedRule(_conv_axis),
-    "ConvTranspose": WeightedRule(_conv_transpose_axis),
+    "ConvTranspose": WeightedRule(_conv_transpose_axis, _conv_transpose_bias_ok),
     "Gemm": WeightedRule(_gemm_axis, _gemm_bias_ok),
     "MatMul": WeightedRule(_matmul_axis, no_weight=OwnScaleRule(inputs=(0, 1))),
     "Add": OwnScaleRule(inputs=(0, 1)),
