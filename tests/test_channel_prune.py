@@ -158,6 +158,17 @@ def test_groups_reaching_output_or_unmappable_ops_stay_whole():
     assert "Softmax" in reasons and "Flatten" in reasons and "graph output" in reasons
 
 
+def test_a_grouped_conv_transpose_is_kept_whole_and_named_for_what_it_is():
+    b = Builder()
+    h = b.cbr("x", 3, 8)
+    up = b.op("ConvTranspose", [h, b.const(np.ones((8, 1, 2, 2), np.float32))], group=8, strides=[2, 2])[0]
+    model = b.model(b.conv(up, 8, 2))
+    pruned, report = prune_channels(model, 0.5)
+    assert report.removed == {}
+    reasons = " ".join(g.pinned_reason or "" for g in report.groups)
+    assert "grouped ConvTranspose (group=8)" in reasons and "not depthwise" not in reasons
+
+
 # --- criteria and selection ---------------------------------------------------------------
 
 def _one_conv(weight=None, gamma=None, c_out=6):

@@ -392,7 +392,10 @@ def _conv(node, g: ChannelGraph) -> None:
         return g.pin_node(node, "has a weight that is not an initializer")
     kind = _conv_kind(node, g)
     if kind is None:
-        return g.pin_node(node, f"is a grouped conv (group={attr(node, 'group', 1)}) that is not depthwise")
+        group = attr(node, "group", 1)
+        if node.op_type == "ConvTranspose":
+            return g.pin_node(node, f"is a grouped ConvTranspose (group={group}): no rule slices its weights")
+        return g.pin_node(node, f"is a grouped conv (group={group}) that is not depthwise")
     if kind == "depthwise":
         m = g.channels[y] // g.channels[x]
         g.tie(x, y, [(c, c * m + j) for c in range(g.channels[x]) for j in range(m)], node=node)
