@@ -100,7 +100,8 @@ class OrtRuntime:
 
     ``spin=False``: the pool's threads sleep between runs instead of busy-waiting for the next
     one. For a session that takes turns with torch on the same cores (the QAT teacher): its
-    spinning threads held a core while torch trained the student, ~20 % of a QAT step on 2 cores.
+    spinning threads held a core while torch trained the student (13-34 % of a QAT step on 2
+    cores, interleaved runs; BENCHMARKS.md).
     Latency measurements keep the default, as deployments run it.
     """
 
