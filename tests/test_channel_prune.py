@@ -169,6 +169,20 @@ def test_a_grouped_conv_transpose_is_kept_whole_and_named_for_what_it_is():
     assert "grouped ConvTranspose (group=8)" in reasons and "not depthwise" not in reasons
 
 
+def test_a_grouped_conv_stays_whole_and_is_listed_with_its_reason():
+    b = Builder()
+    h = b.cbr("x", 3, 8)
+    grouped = b.op("Relu", [b.conv(h, 8, 8, group=2)])[0]
+    model = b.model(b.conv(grouped, 8, 2))
+    conv = producer(model, b.nodes[-2].input[0])
+    pruned, report = prune_channels(model, 0.5)
+    listed = [g for g in report.groups if conv.name in g.producers]
+    assert len(listed) == 1 and listed[0].channels_after == listed[0].channels_before == 8
+    assert "grouped conv (group=2)" in listed[0].pinned_reason and listed[0].params == []
+    with pytest.raises(ConfigError, match="not the weight of a prunable conv"):
+        prune_channels(model, 0.5, params=[conv.input[1]])
+
+
 # --- criteria and selection ---------------------------------------------------------------
 
 def _one_conv(weight=None, gamma=None, c_out=6):

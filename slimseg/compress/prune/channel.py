@@ -195,6 +195,8 @@ class ChannelGraph:
         for u, t in first.items():
             by_root[tfind(t)].append(u)
         order = {node.name or node.output[0]: i for i, node in enumerate(self.graph.node)}
+        self._conv_of = {n.output[0]: n.name or n.output[0] for n in self.graph.node
+                         if n.op_type in ("Conv", "ConvTranspose") and n.output}
         groups = [self._group(sorted(units)) for units in by_root.values()]
         self.groups = sorted((g for g in groups if g.producers), key=lambda g: min(order[p] for p in g.producers))
 
@@ -202,10 +204,14 @@ class ChannelGraph:
         srcs = [s for u in units for s in self.unit_sources.get(u, ())]
         removable = [u for u in units if u not in self.pinned and self.unit_sources.get(u)]
         reasons = [self.pinned[u] for u in units if u in self.pinned]
+        tensors = sorted({t for u in units for t in self.unit_tensors[u]})
+        producers = list(dict.fromkeys(s.node for s in srcs))
+        if not producers and reasons:  # a conv no rule may prune (grouped): named in the report
+            producers = list(dict.fromkeys(self._conv_of[t] for t in tensors if t in self._conv_of))
         return ChannelGroup(
-            producers=list(dict.fromkeys(s.node for s in srcs)),
+            producers=producers,
             params=list(dict.fromkeys(s.weight for s in srcs)),
-            tensors=sorted({t for u in units for t in self.unit_tensors[u]}),
+            tensors=tensors,
             units=removable, pinned=len(units) - len(removable), pin_reason=reasons[0] if reasons else None,
         )
 
