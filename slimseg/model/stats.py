@@ -304,21 +304,33 @@ def infer_static_shapes(model: onnx.ModelProto, needed: set[str]) -> Shapes:
 
 
 def _onnx_shapes(model: onnx.ModelProto) -> Shapes:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 - inference is best effort; the fallback or _shape reports
-        inferred = model
-    return _collect(inferred)
+    return _collect(onnx_inferred(model))
 
 
 def _symbolic_shapes(model: onnx.ModelProto) -> Shapes:
+    inferred = symbolic_inferred(model)
+    return _collect(inferred) if inferred is not None else {}
+
+
+def onnx_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with onnx's shape inference (data propagation on); `model` itself when it fails:
+    inference is best effort, callers fall back or report what stays unknown."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - best effort, see above
+        return model
+
+
+def symbolic_inferred(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """`model` with onnxruntime's symbolic shape inference, which follows ``Reshape(x, Shape(y))``
+    with a symbolic batch where onnx's loses the shape; None when it cannot run (missing sympy,
+    an op it does not know)."""
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    except Exception:  # noqa: BLE001 - missing sympy or an op it does not know: keep what we have
-        return {}
-    return _collect(inferred) if inferred is not None else {}
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # noqa: BLE001 - best effort, see above
+        return None
 
 
 def _collect(model: onnx.ModelProto) -> Shapes:
@@ -336,5 +348,5 @@ def _collect(model: onnx.ModelProto) -> Shapes:
 
 __all__ = [
     "MAC_RULES", "ModelStats", "WEIGHT_SLOTS", "count_macs", "count_params", "graph_inputs",
-    "input_shapes", "mac_rule", "model_stats", "with_static_inputs",
+    "input_shapes", "mac_rule", "model_stats", "onnx_inferred", "symbolic_inferred", "with_static_inputs",
 ]

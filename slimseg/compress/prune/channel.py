@@ -46,7 +46,7 @@ from slimseg.errors import ConfigError, SlimsegError, did_you_mean
 from slimseg.model.passes import infer_shapes
 from slimseg.model.passes._graph import copy_model
 from slimseg.model.passes._rewrite import attr
-from slimseg.model.stats import InputShape, model_stats
+from slimseg.model.stats import InputShape, model_stats, onnx_inferred, symbolic_inferred
 
 Criterion = Literal["l1_norm", "bn_scale", "geometry_median"]
 SHUFFLE = "__shuffle__"  # pseudo op type of a Reshape-Transpose-Reshape channel shuffle
@@ -242,18 +242,9 @@ def _channel_shapes(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, i
     onnx's inference first; onnxruntime's symbolic inference when it left node outputs without
     a shape: onnx loses everything behind a ``Reshape(x, Shape(y))`` with a symbolic batch (how
     the classic exporter writes GroupNorm), which would leave those convs unprunable unsaid."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 - shapes are best effort; unknown ones get pinned
-        inferred = model
-    channels, ranks = _read_shapes(inferred.graph)
+    channels, ranks = _read_shapes(onnx_inferred(model).graph)  # unknown shapes get pinned
     if any(out and out not in ranks for node in model.graph.node for out in node.output):
-        try:
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-            symbolic = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-        except Exception:  # noqa: BLE001 - missing sympy or an op it does not know: keep onnx's
-            symbolic = None
+        symbolic = symbolic_inferred(model)
         if symbolic is not None:
             more_channels, more_ranks = _read_shapes(symbolic.graph)
             channels = {**more_channels, **channels}
