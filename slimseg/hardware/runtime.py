@@ -109,9 +109,7 @@ class OrtRuntime:
                  profile: bool = False, spin: bool = True):
         import onnxruntime as ort
 
-        options = self._options(ort, threads, optimization, profile)
-        if not spin:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = self._options(ort, threads, optimization, profile, spin)
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else self._path(model)
         try:
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
@@ -125,7 +123,7 @@ class OrtRuntime:
         self.fixed_batch = shared_batch([i.shape[0] if i.shape else None for i in self.session.get_inputs()])
 
     @staticmethod
-    def _options(ort, threads: int, optimization: str, profile: bool):
+    def _options(ort, threads: int, optimization: str, profile: bool, spin: bool):
         if optimization not in OPTIMIZATION_LEVELS:
             raise ConfigError(f"expected one of {list(OPTIMIZATION_LEVELS)}, got {optimization!r}"
                               f"{did_you_mean(optimization, OPTIMIZATION_LEVELS)}", key="optimization")
@@ -135,6 +133,8 @@ class OrtRuntime:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization])
         options.log_severity_level = 3  # errors only: warnings would interleave with progress bars
         if profile:
