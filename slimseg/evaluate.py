@@ -8,6 +8,7 @@ argmax; intersections and unions are summed over the whole split.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 
 from slimseg.errors import DataError
 from slimseg.metrics import ConfusionMatrix, SegMetrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,6 +114,12 @@ def evaluate(
     dataset = data if hasattr(data, "spec") and hasattr(data, "__getitem__") else build_dataset(data, split)
     num_classes = dataset.spec.num_classes
     session = get_runtime(runtime, loaded.onnx, threads=threads or _default_threads(), **runtime_options)
+    if runtime == "onnxruntime" and runtime_options.get("optimization", "all") != "disable":
+        from slimseg.hardware.int8 import saturation_warning
+
+        warning = saturation_warning(loaded.onnx)
+        if warning:
+            log.warning("%s: %s", loaded.source, warning)
     matrix = ConfusionMatrix(num_classes, ignore_index=dataset.spec.ignore_index)
 
     count = len(dataset) if limit is None else min(limit, len(dataset))

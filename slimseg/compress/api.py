@@ -23,6 +23,7 @@ from slimseg import __version__
 from slimseg.compress.quant.placement import PLACEMENTS, placement_style
 from slimseg.data import calibration_batches
 from slimseg.errors import ConfigError, SlimsegError
+from slimseg.hardware.int8 import onnxruntime_saturates
 
 log = logging.getLogger("slimseg")
 
@@ -217,7 +218,11 @@ def _quantize(model, teacher, strategy, val, train_set, nodes, *, masked=None, r
     say(f"quantizing {len(plan.weights)} weights and {len(plan.activations)} activation groups; "
         f"{len(plan.float_nodes)} nodes stay float")
     weight_method = "mse" if strategy.quant_post is not None or strategy.quant_aware is None else "absmax"
-    sim = QuantSimulator(prepared, plan, weight_scale_method=weight_method)
+    reduce, why = _reduces_range(quant.reduce_range, placement)
+    sim = QuantSimulator(prepared, plan, weight_scale_method=weight_method, reduce_range=reduce)
+    reduced = sim.reduced_weights
+    if reduce:
+        say(f"{len(reduced)} of {len(plan.weights)} weights quantized on -64..64 ({why}); depthwise convs keep -127..127")
     if masked:
         from slimseg.compress.prune.gmp import keep_masks_in
         from slimseg.compress.prune.masks import masks_from_zeros
@@ -246,6 +251,7 @@ def _quantize(model, teacher, strategy, val, train_set, nodes, *, masked=None, r
     summary: dict[str, Any] = {
         "weights": len(plan.weights), "activation_groups": len(plan.activations),
         "float_nodes": plan.float_nodes, "ptq": report.to_dict(), "distill_nodes": nodes,
+        "reduce_range": {"weights": sorted(reduced), "why": why},
     }
     if rewrites is not None:
         summary["rewrites"] = rewrites
@@ -254,6 +260,17 @@ def _quantize(model, teacher, strategy, val, train_set, nodes, *, masked=None, r
                               session=session)
     sim.quantize(True)
     return {"model": sim.export(), "simulator": sim, "summary": summary}
+
+
+def _reduces_range(setting, placement: str) -> tuple[bool, str]:
+    """(quantize GEMM weights on -64..64?, why): ``reduce_range: auto`` resolved on this machine."""
+    if setting != "auto":
+        return bool(setting), f"reduce_range: {str(setting).lower()}"
+    if placement != "onnxruntime":
+        return False, f"Q/DQ placed for {placement}, whose runtime handles 8-bit weights itself"
+    if onnxruntime_saturates():
+        return True, "onnxruntime's int8 kernels on this CPU (x86 without VNNI) saturate 8-bit weights"
+    return False, "onnxruntime's int8 kernels on this CPU do not saturate"
 
 
 def _qat(sim, teacher_model, strategy, val, train_set, nodes, *, progress: bool, say,
@@ -338,9 +355,13 @@ def verify_agreement(sim, exported, dataset, *, limit: int | None = None, progre
         total += a.size
     agreement = same / max(total, 1)
     if agreement < minimum:
+        from slimseg.hardware.int8 import saturation_warning
+
+        hint = saturation_warning(exported) if optimization != "disable" else None
         raise ExportAgreementError(
             f"the exported model disagrees with the training model on {1 - agreement:.2%} of val pixels "
-            f"(argmax agreement {agreement:.4f} < {minimum}); refusing to write it")
+            f"(argmax agreement {agreement:.4f} < {minimum}); refusing to write it"
+            + (f". Likely cause: {hint}" if hint else ""))
     return round(agreement, 6)
 
 

@@ -293,7 +293,9 @@ class WeightFakeQuant(nn.Module):
     """Per-channel symmetric int8 (levels -127..127) fake quantization of one weight.
 
     Built from the weight so buffer shapes are known (a fresh module loads a checkpoint).
-    ``scale_method``: ``absmax`` (``max|w_c|/127``) or ``mse`` (:func:`weight_scales_mse`).
+    ``grid``: the levels, ``INT8_WEIGHT`` or ``INT8_WEIGHT_REDUCED`` (-64..64, for runtimes whose
+    int8 kernels saturate 8-bit weights). ``scale_method``: ``absmax`` (``max|w_c|/qmax``) or
+    ``mse`` (:func:`weight_scales_mse`).
     ``learn_scale``: LSQ. ``adaround``: learnable rounding (Nagel et al. 2020) with
     ``w_q = clamp(floor(w/s) + h(V), -127, 127)``, ``h(V) = clamp(sigmoid(V)(zeta - gamma)
     + gamma, 0, 1)``, ``V`` initialised so that ``h(V) = frac(w/s)`` (starts at ``w``).
@@ -304,10 +306,12 @@ class WeightFakeQuant(nn.Module):
 
     def __init__(self, weight: torch.Tensor, *, axis: int = 0, scale_method: str = "absmax",
                  learn_scale: bool = False, adaround: bool = False,
-                 mask: torch.Tensor | None = None, name: str = "") -> None:
+                 mask: torch.Tensor | None = None, grid: QuantGrid = INT8_WEIGHT, name: str = "") -> None:
         super().__init__()
         self.axis, self.name, self.enabled = int(axis) % max(weight.dim(), 1), name, True
-        self.grid = INT8_WEIGHT
+        if not (grid.symmetric and grid.lo == -grid.hi == grid.qmin == -grid.qmax):
+            raise SlimsegError(f"weight fake-quant {name or '<unnamed>'}: weights need a symmetric grid, got {grid}")
+        self.grid = grid
         self.register_buffer("mask", None if mask is None else mask.detach().to(weight.dtype).clone())
         self.__dict__["_weight"] = weight.detach()  # a view, not a copy: follows training
         scales = self._initial_scales(weight.detach(), scale_method)
@@ -325,7 +329,8 @@ class WeightFakeQuant(nn.Module):
         if method not in choices:
             raise ConfigError(f"scale_method must be one of {sorted(choices)}, got {method!r}"
                               f"{did_you_mean(method, choices)}", key="scale_method")
-        return torch.from_numpy(choices[method](self._masked(w).cpu(), self.axis)).to(w.device)
+        scales = choices[method](self._masked(w).cpu(), self.axis, qmax=self.grid.qmax)
+        return torch.from_numpy(scales).to(w.device)
 
     def _init_alpha(self, w: torch.Tensor) -> torch.Tensor:
         v = w / self._scale_view(w)
@@ -429,7 +434,7 @@ class WeightFakeQuant(nn.Module):
 
     def extra_repr(self) -> str:
         learn = isinstance(self.scale, nn.Parameter)
-        return (f"axis={self.axis}, channels={self.scale.numel()}, learn_scale={learn}, "
+        return (f"axis={self.axis}, channels={self.scale.numel()}, levels=+-{self.grid.qmax}, learn_scale={learn}, "
                 f"adaround={self.alpha is not None}, masked={self.mask is not None}")
 
 

@@ -30,6 +30,7 @@ from onnx import helper, numpy_helper
 
 from slimseg.compress.quant.placement import ActivationQuantizer, QuantPlan, plan_quantization
 from slimseg.errors import SlimsegError
+from slimseg.hardware.int8 import REDUCED_WEIGHT_MAX, gemm_weights, onnxruntime_saturates
 from slimseg.model.passes._graph import copy_model, default_opset, real_inputs, subgraphs
 
 INT32_MAX = float(np.iinfo(np.int32).max)
@@ -54,17 +55,18 @@ def activation_qparams(lo: float, hi: float, *, signed: bool = False) -> tuple[f
     return scale, zero_point
 
 
-def quantize_weight(w: np.ndarray, axis: int, *, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(scale per channel along `axis` (float32), int8 values in [-127, 127]); zero channel -> scale 1."""
+def quantize_weight(w: np.ndarray, axis: int, *, scale: np.ndarray | None = None,
+                    qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """(scale per channel along `axis` (float32), int8 values in [-qmax, qmax]); zero channel -> scale 1."""
     w = np.asarray(w, dtype=np.float32)
     axis = axis % w.ndim
     if scale is None:
         other = tuple(i for i in range(w.ndim) if i != axis)
-        scale = np.abs(w).max(axis=other) / 127.0 if w.size else np.ones(w.shape[axis])
+        scale = np.abs(w).max(axis=other) / float(qmax) if w.size else np.ones(w.shape[axis])
     scale = np.where(np.asarray(scale) > 0, scale, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return scale, q
 
 
@@ -256,12 +258,14 @@ def _drop_inputs(graph: onnx.GraphProto, names: set[str]) -> None:
 # --- min/max baseline -----------------------------------------------------------------------
 
 def quantize_minmax(model: onnx.ModelProto, calibration_inputs: Sequence[np.ndarray | Mapping[str, np.ndarray]],
-                    *, plan: QuantPlan | None = None) -> onnx.ModelProto:
+                    *, plan: QuantPlan | None = None, reduce_range: bool | str = "auto") -> onnx.ModelProto:
     """Static int8 with min/max ranges collected in onnxruntime over `calibration_inputs`.
 
     The baseline every trained scale is compared against (onnxruntime's ``quantize_static``
     with MinMax calibration does the same). Items are arrays for the model's single input, or
     {input name: array}. Weights are scaled so that every int32 bias fits (see below).
+    ``reduce_range``: weights of GEMM-run nodes on -64..64; "auto" = when onnxruntime on this
+    machine saturates 8-bit ones (slimseg.hardware.int8).
     """
     if not calibration_inputs:
         raise SlimsegError("quantize_minmax needs at least one calibration input")
@@ -273,12 +277,16 @@ def quantize_minmax(model: onnx.ModelProto, calibration_inputs: Sequence[np.ndar
         lo, hi = quantizer.fixed_range or (min(ranges[t][0] for t in quantizer.tensors),
                                            max(ranges[t][1] for t in quantizer.tensors))
         activation_params[quantizer.name] = activation_qparams(lo, hi, signed=quantizer.signed)
-    weight_params = _minmax_weights(model, plan, activation_params)
+    if reduce_range == "auto":
+        reduce_range = onnxruntime_saturates()
+    reduced = gemm_weights(model, [w.initializer for w in plan.weights]) if reduce_range else set()
+    weight_params = _minmax_weights(model, plan, activation_params, reduced)
     return insert_qdq(model, plan, activation_params=activation_params, weight_params=weight_params)
 
 
-def _minmax_weights(model: onnx.ModelProto, plan: QuantPlan, activation_params) -> dict:
-    """absmax/127 per channel, raised where needed so that |b| / (s_x * s_w) fits in int32.
+def _minmax_weights(model: onnx.ModelProto, plan: QuantPlan, activation_params, reduced: set[str]) -> dict:
+    """absmax/qmax per channel (qmax 64 for `reduced` weights, else 127), raised where needed so
+    that |b| / (s_x * s_w) fits in int32.
 
     A channel whose weights are ~0 but whose bias is not (a dead channel after BN folding)
     would otherwise get s_w ~ 1e-12 and an int32 bias that overflows.
@@ -292,10 +300,11 @@ def _minmax_weights(model: onnx.ModelProto, plan: QuantPlan, activation_params) 
     params = {}
     for wq in plan.weights:
         w = numpy_helper.to_array(inits[wq.initializer]).astype(np.float32)
-        scale, _ = quantize_weight(w, wq.axis)
+        qmax = REDUCED_WEIGHT_MAX if wq.initializer in reduced else 127
+        scale, _ = quantize_weight(w, wq.axis, qmax=qmax)
         if wq.initializer in floor:
             scale = np.maximum(scale, floor[wq.initializer]).astype(np.float32)
-        params[wq.initializer] = quantize_weight(w, wq.axis, scale=scale)
+        params[wq.initializer] = quantize_weight(w, wq.axis, scale=scale, qmax=qmax)
     return params
 
 

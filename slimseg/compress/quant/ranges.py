@@ -51,6 +51,9 @@ class QuantGrid:
 UINT8 = QuantGrid(0, 255, symmetric=False, lo=0, hi=255)
 INT8 = QuantGrid(-127, 127, symmetric=True, lo=-128, hi=127)
 INT8_WEIGHT = QuantGrid(-127, 127, symmetric=True, lo=-127, hi=127)
+# onnxruntime's advice for x86 CPUs without VNNI, whose kernels add two uint8 x int8 products in an
+# int16: 2 * 255 * 64 fits, 2 * 255 * 127 saturates (see slimseg.hardware.int8)
+INT8_WEIGHT_REDUCED = QuantGrid(-64, 64, symmetric=True, lo=-64, hi=64)
 
 
 def activation_grid(signed: bool) -> QuantGrid:

@@ -18,6 +18,8 @@ from torch import nn
 from slimseg.compress.quant.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from slimseg.compress.quant.placement import QuantPlan
 from slimseg.compress.quant.qdq import INT32_MAX, insert_qdq
+from slimseg.compress.quant.ranges import INT8_WEIGHT, INT8_WEIGHT_REDUCED
+from slimseg.hardware.int8 import gemm_weights
 from slimseg.model.torch_graph import TorchGraph
 
 
@@ -26,7 +28,9 @@ class QuantSimulator(nn.Module):
 
     def __init__(self, model: onnx.ModelProto, plan: QuantPlan, *, weight_scale_method: str = "absmax",
                  activation_scale_mode: str = "fixed", learn_weight_scale: bool = False,
-                 adaround: bool = False):
+                 adaround: bool = False, reduce_range: bool = False):
+        """`reduce_range`: weights that onnxruntime may multiply in its GEMM kernels (all but
+        depthwise convs) on -64..64, for CPUs whose int8 kernels saturate (slimseg.hardware.int8)."""
         super().__init__()
         self.model = model
         self.plan = plan
@@ -46,12 +50,14 @@ class QuantSimulator(nn.Module):
                 _AbsorbedRelu.install(self.graph, node.output[0])
         self.weights = nn.ModuleDict()
         self._weight_keys: dict[str, str] = {}
+        self.reduced_weights = gemm_weights(model, [w.initializer for w in plan.weights]) if reduce_range else set()
         for index, wq in enumerate(plan.weights):
             if wq.initializer in self._weight_keys:
                 continue
             weight = self.graph.parameter(wq.initializer)
             fq = WeightFakeQuant(weight, axis=wq.axis, scale_method=weight_scale_method,
-                                 learn_scale=learn_weight_scale, adaround=adaround, name=wq.initializer)
+                                 learn_scale=learn_weight_scale, adaround=adaround, name=wq.initializer,
+                                 grid=INT8_WEIGHT_REDUCED if wq.initializer in self.reduced_weights else INT8_WEIGHT)
             self.graph.parametrize(wq.initializer, fq)
             key = f"w{index}"
             self.weights[key] = fq

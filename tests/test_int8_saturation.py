@@ -1,0 +1,160 @@
+"""x86 CPUs without VNNI: onnxruntime's GEMM int8 kernels saturate uint8 x int8 pair sums, so
+slimseg quantizes the weights they multiply on -64..64 (`reduce_range`), and says when a model
+will not run as its Q/DQ says."""
+import json
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from slimseg.compress.api import compress
+from slimseg.config import load_strategy_config
+from slimseg.errors import ConfigError
+from slimseg.evaluate import evaluate
+from slimseg.hardware import int8
+from slimseg.hardware.int8 import (REDUCED_WEIGHT_MAX, gemm_weights, onnxruntime_saturates, runs_in_gemm,
+                                   saturating_weights, saturation_warning)
+from helpers import trained_tiny_project
+
+
+def _qdq_conv(weight: np.ndarray, group: int, y_scale: float) -> onnx.ModelProto:
+    """x (uint8 grid, scale 1) -> Conv with int8 `weight` (scale 1) -> y on a uint8 grid."""
+    c_in = weight.shape[1] * group
+    consts = {"xs": np.array(1.0, np.float32), "xz": np.array(0, np.uint8), "w_q": weight.astype(np.int8),
+              "ws": np.ones(weight.shape[0], np.float32), "wz": np.zeros(weight.shape[0], np.int8),
+              "ys": np.array(y_scale, np.float32), "yz": np.array(0, np.uint8)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w_q", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["c"], group=group, pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, c_in, 6, 6])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, optimized: bool) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("w_max", [127, REDUCED_WEIGHT_MAX])
+def test_the_probe_tells_whether_a_3x3_conv_runs_exactly(w_max):
+    """A different conv than the probe's (3x3, random signs and values): with 8-bit weights its
+    int8 kernel is exact exactly when the probe says onnxruntime does not saturate; with weights
+    on -64..64 it is exact on every machine."""
+    rng = np.random.default_rng(0)
+    weight = rng.integers(w_max // 2, w_max + 1, (8, 16, 3, 3)) * rng.choice([-1, 1], (8, 16, 3, 3))
+    weight[:, :, 1, 1] = w_max  # every pair of the centre tap overflows an int16 with 8-bit weights
+    x = rng.integers(200, 256, (1, 16, 6, 6)).astype(np.float32)
+    y_scale = float(np.abs(weight).sum(axis=(1, 2, 3)).max() * 255 / 250)
+    model = _qdq_conv(weight, 1, y_scale)
+    exact = np.array_equal(_run(model, x, optimized=True), _run(model, x, optimized=False))
+    assert exact == (w_max == REDUCED_WEIGHT_MAX or not onnxruntime_saturates())
+
+
+def test_depthwise_convs_are_exact_with_8bit_weights():
+    """onnxruntime's depthwise kernel sums in int32: why slimseg keeps their weights on -127..127."""
+    weight = np.full((16, 1, 3, 3), 127)
+    x = np.full((1, 16, 6, 6), 255.0, np.float32)
+    model = _qdq_conv(weight, 16, 255 * 127 * 9 / 200)
+    np.testing.assert_array_equal(_run(model, x, optimized=True), _run(model, x, optimized=False))
+
+
+def test_which_nodes_run_in_gemm_kernels():
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], group=8)
+    assert not runs_in_gemm(conv, [8, 1, 3, 3])             # depthwise
+    assert runs_in_gemm(conv, [16, 1, 3, 3])                # depthwise with a channel multiplier of 2
+    assert runs_in_gemm(conv, [8, 2, 3, 3])                 # grouped
+    assert runs_in_gemm(helper.make_node("Conv", ["x", "w"], ["y"]), [8, 8, 1, 1])
+    assert runs_in_gemm(conv, None)                         # unknown shape: the safe side
+    for op in ("ConvTranspose", "MatMul", "Gemm"):
+        assert runs_in_gemm(helper.make_node(op, ["x", "w"], ["y"]), [8, 1, 3, 3])
+    assert not runs_in_gemm(helper.make_node("Add", ["x", "w"], ["y"]), [8])
+
+
+def test_gemm_weights_leave_out_only_weights_read_by_depthwise_convs_alone():
+    inits = [numpy_helper.from_array(np.zeros(s, np.float32), n)
+             for n, s in [("dw", (4, 1, 3, 3)), ("pw", (4, 4, 1, 1)), ("shared", (4, 1, 3, 3))]]
+    nodes = [helper.make_node("Conv", ["x", "dw"], ["a"], group=4, pads=[1] * 4),
+             helper.make_node("Conv", ["a", "pw"], ["b"]),
+             helper.make_node("Conv", ["b", "shared"], ["c"], group=4, pads=[1] * 4),
+             helper.make_node("Identity", ["shared"], ["shared_copy"]),
+             helper.make_node("Conv", ["c", "shared_copy"], ["y"], group=4, pads=[1] * 4)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    assert gemm_weights(helper.make_model(graph), ["dw", "pw", "shared"]) == {"pw", "shared"}
+
+
+def test_reduce_range_is_a_strategy_key():
+    assert load_strategy_config({"QuantPost": {}}).quant_post.reduce_range == "auto"
+    assert load_strategy_config({"QuantAware": {"reduce_range": True}}).quant_aware.reduce_range is True
+    with pytest.raises(ConfigError, match="QuantPost.reduce_range"):
+        load_strategy_config({"QuantPost": {"reduce_range": "yes"}})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return trained_tiny_project(tmp_path_factory.mktemp("tiny"))
+
+
+def _weight_ranges(model: onnx.ModelProto) -> dict[str, tuple[bool, int]]:
+    """int8 weight initializer -> (read by a depthwise conv?, max |q|)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    readers = {i: n for n in model.graph.node for i in n.input}
+    out = {}
+    for node in model.graph.node:
+        q = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if q is not None and q.dtype == np.int8:
+            conv = readers[node.output[0]]
+            out[node.input[0]] = (not runs_in_gemm(conv, q.shape), int(np.abs(q.astype(int)).max()))
+    return out
+
+
+@pytest.mark.parametrize("setting, machine_saturates, reduced", [
+    ("auto", True, True), ("auto", False, False), (True, False, True), (False, True, False)])
+def test_compress_reduces_gemm_weights_when_asked_or_when_onnxruntime_here_saturates(
+        tiny, tmp_path, monkeypatch, setting, machine_saturates, reduced):
+    model, data = tiny
+    monkeypatch.setattr("slimseg.compress.api.onnxruntime_saturates", lambda: machine_saturates)
+    strategy = {"QuantPost": {"algo": "minmax", "batch_size": 4, "batch_nums": 2, "reduce_range": setting}}
+    try:
+        compress(model, strategy, data=data, save_dir=tmp_path / "out", progress=False, bench_rounds=2)
+    except Exception as err:  # an 8-bit model may fail the agreement check where onnxruntime saturates
+        assert not reduced and onnxruntime_saturates() and "reduce_range" in str(err)
+        return
+    ranges = _weight_ranges(onnx.load(tmp_path / "out" / "model.onnx"))
+    gemm = [m for depthwise, m in ranges.values() if not depthwise]
+    depthwise = [m for dw, m in ranges.values() if dw]
+    assert gemm and depthwise
+    assert max(depthwise) == 127  # absmax scales: each channel's largest weight is +-127
+    assert max(gemm) == (REDUCED_WEIGHT_MAX if reduced else 127)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(report["quantization"]["reduce_range"]["weights"]) == (len(gemm) if reduced else 0)
+
+
+def test_a_model_with_8bit_gemm_weights_is_flagged_where_onnxruntime_saturates(tiny, tmp_path, monkeypatch, caplog):
+    model, data = tiny
+    monkeypatch.setattr("slimseg.compress.api.onnxruntime_saturates", lambda: False)
+    strategy = {"QuantPost": {"algo": "minmax", "batch_size": 4, "batch_nums": 2, "reduce_range": False}}
+    try:
+        compress(model, strategy, data=data, save_dir=tmp_path / "out", progress=False, bench_rounds=2)
+    except Exception:
+        pytest.skip("this machine's onnxruntime saturates the 8-bit model beyond the agreement check")
+    exported = onnx.load(tmp_path / "out" / "model.onnx")
+    assert saturating_weights(exported)
+    monkeypatch.setattr(int8, "onnxruntime_saturates", lambda: True)
+    assert "reduce_range: true" in saturation_warning(exported)
+    with caplog.at_level(logging.WARNING, logger="slimseg"):
+        evaluate(exported, data, progress=False)
+    assert "saturated sums" in caplog.text
+    monkeypatch.setattr(int8, "onnxruntime_saturates", lambda: False)
+    assert saturation_warning(exported) is None
