@@ -24,7 +24,8 @@ def main() -> None:
 
     import onnx
 
-    from slimseg.hardware.bench import compare, machine_info
+    from slimseg.errors import SlimsegError
+    from slimseg.hardware.bench import compare, machine_info, random_inputs
     from slimseg.hardware.runtime import get_runtime, known_runtimes
     from slimseg.model.importers import load_model
 
@@ -47,8 +48,17 @@ def main() -> None:
     print("| runtime | threads | model | median ms | p90 ms | speedup vs first |")
     print("|---|---|---|---|---|---|")
     for runtime in runtimes:
+        runnable = {}
+        for name, model in models.items():  # one model a runtime cannot run must not stop the rest
+            try:
+                get_runtime(runtime, model, threads=1).run(random_inputs(model, tuple(shape)))
+                runnable[name] = model
+            except SlimsegError as err:
+                print(f"| {runtime} | - | {name} | cannot run: {str(err).splitlines()[0][:120]} | | |")
+        if not runnable:
+            continue
         for threads in args.threads:
-            results = compare(models, rounds=args.rounds, threads=threads, runtime=runtime, input_shape=tuple(shape))
+            results = compare(runnable, rounds=args.rounds, threads=threads, runtime=runtime, input_shape=tuple(shape))
             base = next(iter(results.values())).median_ms
             for name, r in results.items():
                 print(f"| {runtime} | {threads} | {name} | {r.median_ms:.2f} | {r.p90_ms:.2f} | {base / r.median_ms:.2f}x |")

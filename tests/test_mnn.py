@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from slimseg.errors import ConfigError, MissingDependencyError
+from slimseg.errors import ConfigError, DataError, MissingDependencyError
 from slimseg.hardware import mnn
 from slimseg.hardware.runtime import get_runtime
 
@@ -99,6 +99,16 @@ def test_several_outputs_come_back_in_the_onnx_order():
     assert runtime.output_names == ["r", "y"]
     for got, expected in zip(runtime.run(x), get_runtime("onnxruntime", model).run(x), strict=True):
         assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4
+
+
+@needs_mnn
+def test_a_run_that_mnn_only_prints_an_error_for_raises():
+    """MNN prints 'Compute Shape Error' and returns no outputs (seen on Q/DQ INT8 models, whose
+    timings then read as 30x speedups): slimseg raises instead of returning nothing."""
+    runtime = get_runtime("mnn", conv_model())
+    with pytest.raises(DataError, match=r"MNN returned 0 of 1 outputs .* \(1, 3, 8, 8\)"):
+        runtime.run(np.zeros((1, 3, 8, 8), np.float32))  # the conv wants 8 channels
+    assert runtime.run(np.zeros((1, 8, 8, 8), np.float32))[0].shape == (1, 32, 8, 8)
 
 
 @needs_mnn

@@ -269,7 +269,15 @@ class MnnRuntime:
         except Exception as err:  # noqa: BLE001
             shapes = {k: tuple(np.shape(v)) for k, v in feeds.items()}
             raise DataError(f"MNN failed on inputs {shapes}: {err}") from err
-        return [np.array(F.convert(out, F.NCHW).read(), copy=True) for out in outputs]
+        arrays = [np.array(F.convert(out, F.NCHW).read(), copy=True) for out in outputs]
+        if len(arrays) != len(self.output_names) or any(a.size == 0 for a in arrays):
+            # MNN reports some failures (a shape it cannot compute) only by printing them and
+            # returning nothing: timing that would measure nothing (seen: Q/DQ INT8 models)
+            shapes = {k: tuple(np.shape(v)) for k, v in feeds.items()}
+            raise DataError(f"MNN returned {len(arrays)} of {len(self.output_names)} outputs "
+                            f"({[a.shape for a in arrays]}) for {self.path.name} on inputs {shapes}: it could "
+                            "not compute them (its own message is printed above)")
+        return arrays
 
     def _var(self, name: str, array: np.ndarray):
         F = self._expr
