@@ -3,7 +3,7 @@ PTQ vs slimseg QAT+distillation (issue 3's table).
 
 Each slimseg run is `slimseg compress` in a child process (wall time and peak memory are the
 child's own); quantize_static is done right (BN folded, quant_pre_process, QDQ, per-channel,
-MinMax, 64 calibration images). All models are then timed together, interleaved, in
+MinMax, 64 calibration images, reduce_range where onnxruntime's int8 kernels saturate). All models are then timed together, interleaved, in
 onnxruntime at 1 and 2 threads, and scored on the val split.
 
     python benchmarks/quant_assets.py [--model pp_humanseg_lite_192] [--rounds 300] [--skip qat]
@@ -60,8 +60,12 @@ def ort_quantize_static(model: onnx.ModelProto, images, folder: Path) -> onnx.Mo
             return next(self.items, None)
 
     out = folder / "ort_int8.onnx"
+    # done right includes onnxruntime's advice for CPUs whose int8 kernels saturate (no VNNI)
+    from slimseg.hardware.int8 import onnxruntime_saturates
+
     quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    reduce_range=onnxruntime_saturates())
     return onnx.load(out)
 
 

@@ -595,7 +595,7 @@ def test_example_values():
     assert (qat.train_config.train_iter, qat.train_config.eval_iter) == (300, 100)
     assert qat.train_config.learning_rate == pytest.approx(5e-5)
     ptq = load("pp_humanseg_ptq").quant_post
-    assert (ptq.algo, ptq.batch_size, ptq.batch_nums, ptq.bias_correct) == (PTQAlgo.MINMAX, 8, 8, False)
+    assert (ptq.algo, ptq.batch_size, ptq.batch_nums, ptq.bias_correct) == (PTQAlgo.MINMAX, 8, 8, True)
     decoder = load("pp_humanseg_prune_decoder").channel_prune
     assert decoder.prune_params_name == ["conv2d_1.w_0", "conv2d_63.w_0", "conv2d_65.w_0"] and decoder.reconstruct
     sparse = load("pp_humanseg_sparse")

@@ -153,6 +153,8 @@ def machine_info() -> dict[str, object]:
     """Facts to print next to every latency: CPU model, cores, runtime version."""
     import onnxruntime
 
+    from slimseg.hardware.int8 import onnxruntime_saturates
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -167,6 +169,8 @@ def machine_info() -> dict[str, object]:
         "logical_cores": os.cpu_count(),
         "usable_cores": usable,
         "onnxruntime": onnxruntime.__version__,
+        # its int8 GEMM kernels saturate 8-bit weights here (x86 without VNNI): see hardware.int8
+        "onnxruntime_int8_saturates": onnxruntime_saturates(),
         "numpy": np.__version__,
         "python": platform.python_version(),
         "os": platform.platform(),
