@@ -269,7 +269,7 @@ def _reduces_range(setting, placement: str) -> tuple[bool, str]:
     if placement != "onnxruntime":
         return False, f"Q/DQ placed for {placement}, whose runtime handles 8-bit weights itself"
     if onnxruntime_saturates():
-        return True, "onnxruntime's int8 kernels on this CPU (x86 without VNNI) saturate 8-bit weights"
+        return True, "onnxruntime's int8 kernels on this CPU saturate 8-bit weights, as on x86 without VNNI"
     return False, "onnxruntime's int8 kernels on this CPU do not saturate"
 
 

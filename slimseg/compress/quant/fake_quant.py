@@ -297,7 +297,7 @@ class WeightFakeQuant(nn.Module):
     int8 kernels saturate 8-bit weights). ``scale_method``: ``absmax`` (``max|w_c|/qmax``) or
     ``mse`` (:func:`weight_scales_mse`).
     ``learn_scale``: LSQ. ``adaround``: learnable rounding (Nagel et al. 2020) with
-    ``w_q = clamp(floor(w/s) + h(V), -127, 127)``, ``h(V) = clamp(sigmoid(V)(zeta - gamma)
+    ``w_q = clamp(floor(w/s) + h(V), -qmax, qmax)``, ``h(V) = clamp(sigmoid(V)(zeta - gamma)
     + gamma, 0, 1)``, ``V`` initialised so that ``h(V) = frac(w/s)`` (starts at ``w``).
     ``mask``: zeros of a sparsity mask stay exactly zero.
     """
