@@ -61,11 +61,11 @@ def ort_quantize_static(model: onnx.ModelProto, images, folder: Path) -> onnx.Mo
 
     out = folder / "ort_int8.onnx"
     # done right includes onnxruntime's advice for CPUs whose int8 kernels saturate (no VNNI)
-    from slimseg.hardware.int8 import onnxruntime_saturates
+    from slimseg.hardware.int8 import int8_saturates
 
     quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    reduce_range=onnxruntime_saturates())
+                    reduce_range=int8_saturates("onnxruntime"))
     return onnx.load(out)
 
 

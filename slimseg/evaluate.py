@@ -114,10 +114,10 @@ def evaluate(
     dataset = data if hasattr(data, "spec") and hasattr(data, "__getitem__") else build_dataset(data, split)
     num_classes = dataset.spec.num_classes
     session = get_runtime(runtime, loaded.onnx, threads=threads or _default_threads(), **runtime_options)
-    if runtime == "onnxruntime" and runtime_options.get("optimization", "all") != "disable":
+    if runtime in ("onnxruntime", "openvino") and runtime_options.get("optimization", "all") != "disable":
         from slimseg.hardware.int8 import saturation_warning
 
-        warning = saturation_warning(loaded.onnx)
+        warning = saturation_warning(loaded.onnx, runtime)
         if warning:
             log.warning("%s: %s", loaded.source, warning)
     matrix = ConfusionMatrix(num_classes, ignore_index=dataset.spec.ignore_index)

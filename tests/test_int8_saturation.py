@@ -15,8 +15,9 @@ from slimseg.config import load_strategy_config
 from slimseg.errors import ConfigError
 from slimseg.evaluate import evaluate
 from slimseg.hardware import int8
-from slimseg.hardware.int8 import (REDUCED_WEIGHT_MAX, gemm_weights, onnxruntime_saturates, runs_in_gemm,
+from slimseg.hardware.int8 import (REDUCED_WEIGHT_MAX, gemm_weights, int8_saturates, runs_in_gemm,
                                    saturating_weights, saturation_warning)
+from slimseg.hardware.runtime import get_runtime
 from helpers import trained_tiny_project
 
 
@@ -38,7 +39,9 @@ def _qdq_conv(weight: np.ndarray, group: int, y_scale: float) -> onnx.ModelProto
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray, optimized: bool) -> np.ndarray:
+def _run(model: onnx.ModelProto, x: np.ndarray, optimized: bool, runtime: str = "onnxruntime") -> np.ndarray:
+    if runtime != "onnxruntime":
+        return get_runtime(runtime, model, threads=1).run(x)[0]
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -46,19 +49,23 @@ def _run(model: onnx.ModelProto, x: np.ndarray, optimized: bool) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("w_max", [127, REDUCED_WEIGHT_MAX])
-def test_the_probe_tells_whether_a_3x3_conv_runs_exactly(w_max):
+def test_the_probe_tells_whether_a_3x3_conv_runs_exactly(w_max, runtime):
     """A different conv than the probe's (3x3, random signs and values): with 8-bit weights its
-    int8 kernel is exact exactly when the probe says onnxruntime does not saturate; with weights
-    on -64..64 it is exact on every machine."""
+    int8 kernel is exact exactly when the probe says the runtime does not saturate; with weights
+    on -64..64 it is exact on every machine (exact = onnxruntime's plain Q/DQ result)."""
+    if runtime == "openvino":
+        pytest.importorskip("openvino", reason="optional extra slimseg[openvino] not installed")
     rng = np.random.default_rng(0)
     weight = rng.integers(w_max // 2, w_max + 1, (8, 16, 3, 3)) * rng.choice([-1, 1], (8, 16, 3, 3))
     weight[:, :, 1, 1] = w_max  # every pair of the centre tap overflows an int16 with 8-bit weights
     x = rng.integers(200, 256, (1, 16, 6, 6)).astype(np.float32)
     y_scale = float(np.abs(weight).sum(axis=(1, 2, 3)).max() * 255 / 250)
     model = _qdq_conv(weight, 1, y_scale)
-    exact = np.array_equal(_run(model, x, optimized=True), _run(model, x, optimized=False))
-    assert exact == (w_max == REDUCED_WEIGHT_MAX or not onnxruntime_saturates())
+    got, reference = _run(model, x, optimized=True, runtime=runtime), _run(model, x, optimized=False)
+    exact = np.abs(got - reference).max() <= y_scale  # OpenVINO may round a level differently
+    assert exact == (w_max == REDUCED_WEIGHT_MAX or not int8_saturates(runtime))
 
 
 def test_depthwise_convs_are_exact_with_8bit_weights():
@@ -124,12 +131,12 @@ def _weight_ranges(model: onnx.ModelProto) -> dict[str, tuple[bool, int]]:
 def test_compress_reduces_gemm_weights_when_asked_or_when_onnxruntime_here_saturates(
         tiny, tmp_path, monkeypatch, setting, machine_saturates, reduced):
     model, data = tiny
-    monkeypatch.setattr("slimseg.compress.api.onnxruntime_saturates", lambda: machine_saturates)
+    monkeypatch.setattr("slimseg.compress.api.int8_saturates", lambda runtime: machine_saturates)
     strategy = {"QuantPost": {"algo": "minmax", "batch_size": 4, "batch_nums": 2, "reduce_range": setting}}
     try:
         compress(model, strategy, data=data, save_dir=tmp_path / "out", progress=False, bench_rounds=2)
     except Exception as err:  # an 8-bit model may fail the agreement check where onnxruntime saturates
-        assert not reduced and onnxruntime_saturates() and "reduce_range" in str(err)
+        assert not reduced and int8_saturates() and "reduce_range" in str(err)
         return
     ranges = _weight_ranges(onnx.load(tmp_path / "out" / "model.onnx"))
     gemm = [m for depthwise, m in ranges.values() if not depthwise]
@@ -143,7 +150,7 @@ def test_compress_reduces_gemm_weights_when_asked_or_when_onnxruntime_here_satur
 
 def test_a_model_with_8bit_gemm_weights_is_flagged_where_onnxruntime_saturates(tiny, tmp_path, monkeypatch, caplog):
     model, data = tiny
-    monkeypatch.setattr("slimseg.compress.api.onnxruntime_saturates", lambda: False)
+    monkeypatch.setattr("slimseg.compress.api.int8_saturates", lambda runtime: False)
     strategy = {"QuantPost": {"algo": "minmax", "batch_size": 4, "batch_nums": 2, "reduce_range": False}}
     try:
         compress(model, strategy, data=data, save_dir=tmp_path / "out", progress=False, bench_rounds=2)
@@ -151,10 +158,37 @@ def test_a_model_with_8bit_gemm_weights_is_flagged_where_onnxruntime_saturates(t
         pytest.skip("this machine's onnxruntime saturates the 8-bit model beyond the agreement check")
     exported = onnx.load(tmp_path / "out" / "model.onnx")
     assert saturating_weights(exported)
-    monkeypatch.setattr(int8, "onnxruntime_saturates", lambda: True)
+    monkeypatch.setattr(int8, "int8_saturates", lambda runtime="onnxruntime": True)
     assert "reduce_range: true" in saturation_warning(exported)
     with caplog.at_level(logging.WARNING, logger="slimseg"):
         evaluate(exported, data, progress=False)
     assert "saturated sums" in caplog.text
-    monkeypatch.setattr(int8, "onnxruntime_saturates", lambda: False)
+    monkeypatch.setattr(int8, "int8_saturates", lambda runtime="onnxruntime": False)
     assert saturation_warning(exported) is None
+
+
+def test_auto_asks_the_runtime_the_qdq_is_placed_for(monkeypatch):
+    from slimseg.compress.api import _reduces_range
+
+    asked = []
+    monkeypatch.setattr("slimseg.compress.api.int8_saturates", lambda runtime: asked.append(runtime) or runtime == "openvino")
+    assert _reduces_range("auto", "openvino")[0] and not _reduces_range("auto", "onnxruntime")[0]
+    assert asked == ["openvino", "onnxruntime"]
+    assert _reduces_range(True, "onnxruntime") == (True, "reduce_range: true")
+    assert _reduces_range(False, "openvino") == (False, "reduce_range: false")
+    assert asked == ["openvino", "onnxruntime"]  # an explicit setting probes nothing
+
+
+def test_a_runtime_that_is_not_installed_is_answered_by_onnxruntime(monkeypatch):
+    from slimseg.errors import MissingDependencyError
+    from slimseg.hardware import runtime as runtimes
+
+    real = runtimes.get_runtime
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino":
+            raise MissingDependencyError("openvino", "openvino", "the OpenVINO runtime")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(runtimes, "get_runtime", no_openvino)
+    assert int8_saturates.__wrapped__("openvino") == int8_saturates("onnxruntime")

@@ -18,7 +18,7 @@ from slimseg.compress.quant import (
     quantize_weight,
 )
 from slimseg.errors import SlimsegError
-from slimseg.hardware.int8 import REDUCED_WEIGHT_MAX, onnxruntime_saturates
+from slimseg.hardware.int8 import REDUCED_WEIGHT_MAX, int8_saturates
 
 RNG = np.random.default_rng(0)
 INT8_OPS = {"QLinearConv", "QLinearAdd", "QLinearConcat", "QLinearSoftmax", "QLinearMatMul", "ConvInteger"}
@@ -64,7 +64,7 @@ def export_minmax(model, data):
     acts = {q.name: activation_qparams(min(ranges[t][0] for t in q.tensors), max(ranges[t][1] for t in q.tensors))
             for q in plan.activations}
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    qmax = REDUCED_WEIGHT_MAX if onnxruntime_saturates() else 127  # what compress does here
+    qmax = REDUCED_WEIGHT_MAX if int8_saturates() else 127  # what compress does here
     weights = {w.initializer: quantize_weight(inits[w.initializer], w.axis, qmax=qmax) for w in plan.weights}
     return insert_qdq(model, plan, activation_params=acts, weight_params=weights), plan, acts, weights
 
@@ -267,7 +267,7 @@ def test_conv_transpose_bias_is_int32_only_when_each_output_channel_has_its_own_
     assert {w.initializer for w in plan.weights} == {"w1", "wt"}
     assert {b.initializer for b in plan.biases} == ({"b1", "bt"} if group == 1 else {"b1"})
 
-    sim = QuantSimulator(model, plan, reduce_range=onnxruntime_saturates())
+    sim = QuantSimulator(model, plan, reduce_range=int8_saturates())
     x = torch.from_numpy(RNG.uniform(-1, 1, (2, 3, 8, 8)).astype(np.float32))
     calibrate(sim, [x], algo="minmax")
     sim.quantize(True)

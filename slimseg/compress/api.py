@@ -23,7 +23,7 @@ from slimseg import __version__
 from slimseg.compress.quant.placement import PLACEMENTS, placement_style
 from slimseg.data import calibration_batches
 from slimseg.errors import ConfigError, SlimsegError
-from slimseg.hardware.int8 import onnxruntime_saturates
+from slimseg.hardware.int8 import int8_saturates
 
 log = logging.getLogger("slimseg")
 
@@ -263,14 +263,14 @@ def _quantize(model, teacher, strategy, val, train_set, nodes, *, masked=None, r
 
 
 def _reduces_range(setting, placement: str) -> tuple[bool, str]:
-    """(quantize GEMM weights on -64..64?, why): ``reduce_range: auto`` resolved on this machine."""
+    """(quantize GEMM weights on -64..64?, why): ``reduce_range: auto`` resolved on this machine,
+    by asking the runtime the Q/DQ is placed for (OpenVINO saturates where onnxruntime does)."""
     if setting != "auto":
         return bool(setting), f"reduce_range: {str(setting).lower()}"
-    if placement != "onnxruntime":
-        return False, f"Q/DQ placed for {placement}, whose runtime handles 8-bit weights itself"
-    if onnxruntime_saturates():
-        return True, "onnxruntime's int8 kernels on this CPU saturate 8-bit weights, as on x86 without VNNI"
-    return False, "onnxruntime's int8 kernels on this CPU do not saturate"
+    runtime = "openvino" if placement == "openvino" else "onnxruntime"
+    if int8_saturates(runtime):
+        return True, f"{runtime}'s int8 kernels on this CPU saturate 8-bit weights, as on x86 without VNNI"
+    return False, f"{runtime}'s int8 kernels on this CPU do not saturate"
 
 
 def _qat(sim, teacher_model, strategy, val, train_set, nodes, *, progress: bool, say,

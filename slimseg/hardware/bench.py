@@ -153,7 +153,7 @@ def machine_info() -> dict[str, object]:
     """Facts to print next to every latency: CPU model, cores, runtime version."""
     import onnxruntime
 
-    from slimseg.hardware.int8 import onnxruntime_saturates
+    from slimseg.hardware.int8 import int8_saturates
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -170,7 +170,7 @@ def machine_info() -> dict[str, object]:
         "usable_cores": usable,
         "onnxruntime": onnxruntime.__version__,
         # its int8 GEMM kernels saturate 8-bit weights here (x86 without VNNI): see hardware.int8
-        "onnxruntime_int8_saturates": onnxruntime_saturates(),
+        "onnxruntime_int8_saturates": int8_saturates("onnxruntime"),
         "numpy": np.__version__,
         "python": platform.python_version(),
         "os": platform.platform(),

@@ -9,7 +9,8 @@ scored 0.8293 val mIoU in onnxruntime against 0.8622 for the same graph run unfu
 -64..64 a pair stays within ``2 * 255 * 64 = 32640`` (onnxruntime's ``reduce_range`` advice): 0.8637.
 
 Rather than guess from CPU flags which kernels a given onnxruntime build picks, slimseg asks it:
-:func:`onnxruntime_saturates` runs one small int8 conv whose pair sums overflow an int16.
+:func:`int8_saturates` runs one small int8 conv whose pair sums overflow an int16 (OpenVINO
+gave the same numbers as onnxruntime there, depthwise exact included).
 """
 from __future__ import annotations
 
@@ -25,13 +26,27 @@ GEMM_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 @functools.lru_cache(maxsize=None)
-def onnxruntime_saturates() -> bool:
-    """True when onnxruntime's int8 conv on this machine saturates uint8 x int8 pair sums."""
-    import onnxruntime as ort
+def int8_saturates(runtime: str = "onnxruntime") -> bool:
+    """True when `runtime`'s int8 conv on this machine saturates uint8 x int8 pair sums.
 
+    OpenVINO does too on such CPUs, with the same numbers (both use ``vpmaddubsw``); a runtime
+    that is not installed is answered for by onnxruntime, the CPU being the cause."""
+    from slimseg.errors import MissingDependencyError
+    from slimseg.hardware.runtime import get_runtime
+
+    model, x, out_scale = _probe()
+    try:
+        session = get_runtime(runtime, model, threads=1)  # onnxruntime: optimizations on, int8 kernels
+    except MissingDependencyError:
+        return runtime != "onnxruntime" and int8_saturates("onnxruntime")
+    got = float(np.asarray(session.run(x)[0]).max()) / out_scale
+    return abs(got - 200.0) > 1.0
+
+
+def _probe() -> tuple[onnx.ModelProto, np.ndarray, float]:
+    """A Q/DQ 1x1 conv, 8 channels of 255 x 127: exactly 200 on its output grid, ~101 saturated."""
     channels, pixel, weight = 8, 255.0, 127
-    exact = pixel * weight * channels
-    out_scale = exact / 200.0  # the exact result quantizes to 200, a saturated one to ~100
+    out_scale = pixel * weight * channels / 200.0
     x = np.full((1, channels, 2, 2), pixel, np.float32)
     consts = {
         "x_scale": np.array(1.0, np.float32), "x_zero": np.array(0, np.uint8),
@@ -50,15 +65,9 @@ def onnxruntime_saturates() -> bool:
     graph = helper.make_graph(
         nodes, "int8_saturation_probe",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
-        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, list(x.shape))],
         [numpy_helper.from_array(v, k) for k, v in consts.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # int8 kernels
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    got = float(np.asarray(session.run(None, {"x": x})[0]).max()) / out_scale
-    return abs(got - 200.0) > 1.0
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), x, out_scale
 
 
 def runs_in_gemm(node: onnx.NodeProto, weight_shape: Sequence[int] | None) -> bool:
@@ -109,12 +118,12 @@ def saturating_weights(model: onnx.ModelProto) -> list[str]:
     return found
 
 
-def saturation_warning(model: onnx.ModelProto) -> str | None:
-    """A warning when onnxruntime on this machine will not compute `model` as its Q/DQ says."""
+def saturation_warning(model: onnx.ModelProto, runtime: str = "onnxruntime") -> str | None:
+    """A warning when `runtime` on this machine will not compute `model` as its Q/DQ says."""
     weights = saturating_weights(model)
-    if not weights or not onnxruntime_saturates():
+    if not weights or not int8_saturates(runtime):
         return None
     return (f"{len(weights)} int8 weights of this model use values beyond +-64 in convs/matmuls that "
-            "onnxruntime's int8 kernels on this CPU (x86 without VNNI) compute with saturated sums: "
+            f"{runtime}'s int8 kernels on this CPU (x86 without VNNI) compute with saturated sums: "
             "its results here differ from the model's Q/DQ semantics (quantize with "
             "reduce_range: true for such CPUs)")

@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 
 from slimseg.compress.quant.placement import ActivationQuantizer, QuantPlan, plan_quantization
 from slimseg.errors import SlimsegError
-from slimseg.hardware.int8 import REDUCED_WEIGHT_MAX, gemm_weights, onnxruntime_saturates
+from slimseg.hardware.int8 import REDUCED_WEIGHT_MAX, gemm_weights, int8_saturates
 from slimseg.model.passes._graph import copy_model, default_opset, real_inputs, subgraphs
 
 INT32_MAX = float(np.iinfo(np.int32).max)
@@ -278,7 +278,7 @@ def quantize_minmax(model: onnx.ModelProto, calibration_inputs: Sequence[np.ndar
                                            max(ranges[t][1] for t in quantizer.tensors))
         activation_params[quantizer.name] = activation_qparams(lo, hi, signed=quantizer.signed)
     if reduce_range == "auto":
-        reduce_range = onnxruntime_saturates()
+        reduce_range = int8_saturates("onnxruntime")
     reduced = gemm_weights(model, [w.initializer for w in plan.weights]) if reduce_range else set()
     weight_params = _minmax_weights(model, plan, activation_params, reduced)
     return insert_qdq(model, plan, activation_params=activation_params, weight_params=weight_params)
