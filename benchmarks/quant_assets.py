@@ -3,8 +3,9 @@ PTQ vs slimseg QAT+distillation (issue 3's table).
 
 Each slimseg run is `slimseg compress` in a child process (wall time and peak memory are the
 child's own); quantize_static is done right (BN folded, quant_pre_process, QDQ, per-channel,
-MinMax, 64 calibration images, reduce_range where onnxruntime's int8 kernels saturate). All models are then timed together, interleaved, in
-onnxruntime at 1 and 2 threads, and scored on the val split.
+MinMax, 64 calibration images, reduce_range where onnxruntime's int8 kernels saturate). All
+models are then timed together, interleaved, in onnxruntime at 1 and 2 threads, and scored on
+the val split.
 
     python benchmarks/quant_assets.py [--model pp_humanseg_lite_192] [--rounds 300] [--skip qat]
 """

@@ -171,7 +171,8 @@ def test_auto_asks_the_runtime_the_qdq_is_placed_for(monkeypatch):
     from slimseg.compress.api import _reduces_range
 
     asked = []
-    monkeypatch.setattr("slimseg.compress.api.int8_saturates", lambda runtime: asked.append(runtime) or runtime == "openvino")
+    monkeypatch.setattr("slimseg.compress.api.int8_saturates",
+                        lambda runtime: asked.append(runtime) or runtime == "openvino")
     assert _reduces_range("auto", "openvino")[0] and not _reduces_range("auto", "onnxruntime")[0]
     assert asked == ["openvino", "onnxruntime"]
     assert _reduces_range(True, "onnxruntime") == (True, "reduce_range: true")

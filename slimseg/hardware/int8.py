@@ -1,4 +1,4 @@
-"""Where onnxruntime's int8 kernels saturate, so that slimseg quantizes weights they can multiply.
+"""Where int8 kernels (onnxruntime's, OpenVINO's) saturate, so slimseg quantizes weights they can multiply.
 
 x86 CPUs without VNNI (AVX2; AVX-512 before Cascade Lake; AMD before Zen 4) multiply uint8
 activations by int8 weights with ``vpmaddubsw``, which adds two products into an int16 and
@@ -71,7 +71,7 @@ def _probe() -> tuple[onnx.ModelProto, np.ndarray, float]:
 
 
 def runs_in_gemm(node: onnx.NodeProto, weight_shape: Sequence[int] | None) -> bool:
-    """Whether onnxruntime multiplies `node`'s weight in a GEMM kernel (saturating on such CPUs):
+    """Whether onnxruntime (or OpenVINO) multiplies `node`'s weight in a GEMM kernel (saturating on such CPUs):
     every Conv but a depthwise one (one input channel and one output channel per group),
     ConvTranspose, MatMul, Gemm. An unknown shape counts as GEMM (reducing is the safe side)."""
     if node.op_type not in GEMM_OPS:
