@@ -18,6 +18,7 @@ from slimseg.hardware import int8
 from slimseg.hardware.int8 import (REDUCED_WEIGHT_MAX, gemm_weights, int8_saturates, runs_in_gemm,
                                    saturating_weights, saturation_warning)
 from slimseg.hardware.runtime import get_runtime
+from slimseg.report.html import layer_rows
 from helpers import trained_tiny_project
 
 
@@ -146,6 +147,8 @@ def test_compress_reduces_gemm_weights_when_asked_or_when_onnxruntime_here_satur
     assert max(gemm) == (REDUCED_WEIGHT_MAX if reduced else 127)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert len(report["quantization"]["reduce_range"]["weights"]) == (len(gemm) if reduced else 0)
+    rows = layer_rows(report, onnx.load(tmp_path / "out" / "model.onnx"))  # report.html's layer table
+    assert sum(r.precision.endswith("(-64..64)") for r in rows) == (len(gemm) if reduced else 0)
 
 
 def test_a_model_with_8bit_gemm_weights_is_flagged_where_onnxruntime_saturates(tiny, tmp_path, monkeypatch, caplog):

@@ -379,7 +379,8 @@ class LayerRow:
     node: str
     op: str
     shape: tuple[int, ...]
-    precision: str          # "INT8", "INT8 weights" (float input), "float" or MISSING
+    precision: str          # "INT8", "INT8 weights" (float input), "float" or MISSING; "(-64..64)" added
+                            # for the weights the report says were quantized with reduce_range
     zeros: float | None     # measured share of exact zeros in the weight
     target: float | None    # the sparsity stage's sparsity for this layer
 
@@ -397,10 +398,11 @@ def layer_rows(report: dict, model=None) -> list[LayerRow]:
         return [LayerRow(layer.get("node") or layer.get("name", "?"), MISSING, tuple(layer.get("shape") or ()),
                          "float" if layer.get("node") in floats else MISSING, None, layer.get("sparsity"))
                 for layer in _get(report, "sparsity", "layers") or []]
-    return _model_layer_rows(model, targets)
+    reduced = set(_get(report, "quantization", "reduce_range", "weights") or [])
+    return _model_layer_rows(model, targets, reduced)
 
 
-def _model_layer_rows(model, targets: dict) -> list[LayerRow]:
+def _model_layer_rows(model, targets: dict, reduced: set[str]) -> list[LayerRow]:
     from onnx import numpy_helper
 
     graph = model.graph
@@ -418,6 +420,8 @@ def _model_layer_rows(model, targets: dict) -> list[LayerRow]:
         values = numpy_helper.to_array(inits[source])
         quantized_input = node.input[1 - index] in dq
         precision = ("INT8" if quantized_input else "INT8 weights") if weight in dq else "float"
+        if weight in dq and source.removesuffix("_quantized") in reduced:
+            precision += " (-64..64)"
         target = targets.get(node.name, targets.get(source.removesuffix("_quantized")))
         rows.append(LayerRow(node.name or weight, node.op_type, tuple(values.shape), precision,
                              float((values == 0).mean()) if values.size else None, target))
