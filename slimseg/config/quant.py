@@ -103,9 +103,9 @@ class _QuantKeys:
     activation_quantize_type: ActQuantType = "moving_average_abs_max"
     is_full_quantize: bool = False
     onnx_format: bool = True
-    # slimseg's: weights multiplied in onnxruntime's GEMM kernels (all but depthwise convs) on
-    # -64..64, for x86 CPUs without VNNI whose int8 kernels saturate 8-bit weights; "auto" = when
-    # onnxruntime on this machine does and Q/DQ is placed for onnxruntime (slimseg.hardware.int8)
+    # slimseg's: weights multiplied in GEMM kernels (all but depthwise convs) on -64..64, for x86
+    # CPUs without VNNI whose int8 kernels saturate 8-bit weights; "auto" = when the runtime the
+    # Q/DQ is placed for (onnxruntime or OpenVINO) does on this machine (slimseg.hardware.int8)
     reduce_range: bool | Literal["auto"] = "auto"
 
     def __post_init__(self):
