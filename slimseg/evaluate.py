@@ -114,12 +114,9 @@ def evaluate(
     dataset = data if hasattr(data, "spec") and hasattr(data, "__getitem__") else build_dataset(data, split)
     num_classes = dataset.spec.num_classes
     session = get_runtime(runtime, loaded.onnx, threads=threads or _default_threads(), **runtime_options)
-    if runtime in ("onnxruntime", "openvino") and runtime_options.get("optimization", "all") != "disable":
-        from slimseg.hardware.int8 import saturation_warning
+    from slimseg.hardware.int8 import warn_if_saturates
 
-        warning = saturation_warning(loaded.onnx, runtime)
-        if warning:
-            log.warning("%s: %s", loaded.source, warning)
+    warn_if_saturates(loaded.onnx, runtime, loaded.source, log, runtime_options.get("optimization", "all"))
     matrix = ConfusionMatrix(num_classes, ignore_index=dataset.spec.ignore_index)
 
     count = len(dataset) if limit is None else min(limit, len(dataset))

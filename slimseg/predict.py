@@ -451,6 +451,7 @@ def predict(model, inputs, *, out_dir, runtime: str = "onnxruntime", threads: in
     dataset_root also resolves list entries); default the model's deploy.yaml. `matte` and
     `bg` (colour or image) need a 2-class model. `out_dir` appears only when all is written.
     """
+    from slimseg.hardware.int8 import warn_if_saturates
     from slimseg.hardware.runtime import get_runtime, known_runtimes
     from slimseg.model.importers import load_model
 
@@ -471,6 +472,7 @@ def predict(model, inputs, *, out_dir, runtime: str = "onnxruntime", threads: in
     pre = pre or resolve_preprocess(None, loaded)
     threads = threads or max(1, os.cpu_count() or 1)
     segmenter = Segmenter(get_runtime(runtime, loaded.onnx, threads=threads), pre, alpha=outputs.alpha)
+    warn_if_saturates(loaded.onnx, runtime, loaded.source, log)
     result = PredictResult(str(out_dir), loaded.source, runtime, threads, batch_size)
     start = time.perf_counter()
     with _atomic_out(out_dir, overwrite) as tmp:

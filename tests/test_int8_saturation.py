@@ -14,6 +14,7 @@ from slimseg.compress.api import compress
 from slimseg.config import load_strategy_config
 from slimseg.errors import ConfigError
 from slimseg.evaluate import evaluate
+from slimseg.predict import predict
 from slimseg.hardware import int8
 from slimseg.hardware.int8 import (REDUCED_WEIGHT_MAX, gemm_weights, int8_saturates, runs_in_gemm,
                                    saturating_weights, saturation_warning)
@@ -166,6 +167,15 @@ def test_a_model_with_8bit_gemm_weights_is_flagged_where_onnxruntime_saturates(t
     with caplog.at_level(logging.WARNING, logger="slimseg"):
         evaluate(exported, data, progress=False)
     assert "saturated sums" in caplog.text
+    caplog.clear()
+    image = next((data.parent / "images").glob("*.png"), None) or next(data.parent.rglob("*.jpg"))
+    with caplog.at_level(logging.WARNING, logger="slimseg"):  # the deploy path warns too
+        predict(tmp_path / "out" / "model.onnx", image, out_dir=tmp_path / "pred", preprocess=data, progress=False)
+    assert "saturated sums" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slimseg"):  # plain Q/DQ semantics: nothing to warn of
+        evaluate(exported, data, progress=False, optimization="disable")
+    assert "saturated sums" not in caplog.text
     monkeypatch.setattr(int8, "int8_saturates", lambda runtime="onnxruntime": False)
     assert saturation_warning(exported) is None
 

@@ -127,3 +127,12 @@ def saturation_warning(model: onnx.ModelProto, runtime: str = "onnxruntime") -> 
             f"{runtime}'s int8 kernels on this CPU (x86 without VNNI) compute with saturated sums: "
             "its results here differ from the model's Q/DQ semantics (quantize with "
             "reduce_range: true for such CPUs)")
+
+
+def warn_if_saturates(model: onnx.ModelProto, runtime: str, source: str, logger, optimization: str = "all") -> None:
+    """Log :func:`saturation_warning` for a model about to run in `runtime` (onnxruntime with its
+    optimizations, or OpenVINO; others run no such int8 kernels)."""
+    if runtime == "openvino" or (runtime == "onnxruntime" and optimization != "disable"):
+        warning = saturation_warning(model, runtime)
+        if warning:
+            logger.warning("%s: %s", source, warning)
