@@ -206,3 +206,13 @@ def test_a_runtime_that_is_not_installed_is_answered_by_onnxruntime(monkeypatch)
 
     monkeypatch.setattr(runtimes, "get_runtime", no_openvino)
     assert int8_saturates.__wrapped__("openvino") == int8_saturates("onnxruntime")
+
+
+def test_a_runtime_that_cannot_run_the_probe_is_taken_not_to_saturate(monkeypatch):
+    from slimseg.hardware import runtime as runtimes
+
+    def broken(name, *args, **kwargs):
+        raise RuntimeError("no int8 conv here")
+
+    monkeypatch.setattr(runtimes, "get_runtime", broken)
+    assert int8_saturates.__wrapped__("onnxruntime") is False
