@@ -8,6 +8,10 @@ graph is still right, the runtime is not: on PP-HumanSeg-Lite (AMD EPYC, AVX2), 
 scored 0.8293 val mIoU in onnxruntime against 0.8622 for the same graph run unfused. With weights on
 -64..64 a pair stays within ``2 * 255 * 64 = 32640`` (onnxruntime's ``reduce_range`` advice): 0.8637.
 
+Models with int8 activations (other tools write them) fare worse there: onnxruntime shifts them to
+uint8 first, and a conv of 127s by 127s came out at 1 % of its value. slimseg writes uint8
+activations; :func:`saturating_weights` flags both kinds, since -64..64 weights fix both.
+
 Rather than guess from CPU flags which kernels a given onnxruntime build picks, slimseg asks it:
 :func:`int8_saturates` runs one small int8 conv whose pair sums overflow an int16 (OpenVINO
 gave the same numbers as onnxruntime there, depthwise exact included).
