@@ -23,7 +23,7 @@ from slimseg import __version__
 from slimseg.compress.quant.placement import PLACEMENTS, placement_style
 from slimseg.data import calibration_batches
 from slimseg.errors import ConfigError, SlimsegError
-from slimseg.hardware.int8 import int8_saturates
+from slimseg.hardware.int8 import int8_saturates, saturation_warning
 
 log = logging.getLogger("slimseg")
 
@@ -355,8 +355,6 @@ def verify_agreement(sim, exported, dataset, *, limit: int | None = None, progre
         total += a.size
     agreement = same / max(total, 1)
     if agreement < minimum:
-        from slimseg.hardware.int8 import saturation_warning
-
         hint = saturation_warning(exported) if optimization != "disable" else None
         raise ExportAgreementError(
             f"the exported model disagrees with the training model on {1 - agreement:.2%} of val pixels "

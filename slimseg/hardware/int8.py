@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from slimseg.model.passes._rewrite import attr
+
 REDUCED_WEIGHT_MAX = 64  # 2 * 255 * 64 <= 32767
 GEMM_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -86,7 +88,7 @@ def runs_in_gemm(node: onnx.NodeProto, weight_shape: Sequence[int] | None) -> bo
         return False
     if node.op_type != "Conv" or weight_shape is None or len(weight_shape) < 2:
         return True
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    group = attr(node, "group", 1)
     return not (group > 1 and weight_shape[1] == 1 and weight_shape[0] == group)
 
 
@@ -95,12 +97,8 @@ def gemm_weights(model: onnx.ModelProto, weights: Sequence[str]) -> set[str]:
     the ones read only by depthwise convs (an Identity or other reader counts as GEMM: reducing
     a weight that did not need it costs a little precision, not reducing one costs correctness)."""
     shapes = {t.name: list(t.dims) for t in model.graph.initializer}
-    wanted, readers = set(weights), {}
-    for node in model.graph.node:
-        for name in node.input:
-            if name in wanted:
-                readers.setdefault(name, []).append(node)
-    return {name for name in wanted if not readers.get(name)
+    readers = _readers(model.graph)
+    return {name for name in set(weights) if not readers.get(name)
             or any(r.op_type != "Conv" or runs_in_gemm(r, shapes.get(name)) for r in readers[name])}
 
 
@@ -108,10 +106,7 @@ def saturating_weights(model: onnx.ModelProto) -> list[str]:
     """int8 weight initializers of a Q/DQ model that onnxruntime would multiply in a saturating
     kernel with values beyond +-64 (empty for a model quantized with reduced weights)."""
     inits = {t.name: t for t in model.graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _readers(model.graph)
     found = []
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
@@ -124,6 +119,15 @@ def saturating_weights(model: onnx.ModelProto) -> list[str]:
         if int(np.abs(numpy_helper.to_array(q).astype(np.int16)).max(initial=0)) > REDUCED_WEIGHT_MAX:
             found.append(node.input[0])
     return found
+
+
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes of `graph` that read it."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
 
 
 def saturation_warning(model: onnx.ModelProto, runtime: str = "onnxruntime") -> str | None:

@@ -29,8 +29,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from slimseg.compress.quant.placement import ActivationQuantizer, QuantPlan, plan_quantization
+from slimseg.compress.quant.ranges import INT8_WEIGHT, INT8_WEIGHT_REDUCED
 from slimseg.errors import SlimsegError
-from slimseg.hardware.int8 import REDUCED_WEIGHT_MAX, gemm_weights, int8_saturates
+from slimseg.hardware.int8 import gemm_weights, int8_saturates
 from slimseg.model.passes._graph import copy_model, default_opset, real_inputs, subgraphs
 
 INT32_MAX = float(np.iinfo(np.int32).max)
@@ -300,7 +301,7 @@ def _minmax_weights(model: onnx.ModelProto, plan: QuantPlan, activation_params, 
     params = {}
     for wq in plan.weights:
         w = numpy_helper.to_array(inits[wq.initializer]).astype(np.float32)
-        qmax = REDUCED_WEIGHT_MAX if wq.initializer in reduced else 127
+        qmax = (INT8_WEIGHT_REDUCED if wq.initializer in reduced else INT8_WEIGHT).qmax
         scale, _ = quantize_weight(w, wq.axis, qmax=qmax)
         if wq.initializer in floor:
             scale = np.maximum(scale, floor[wq.initializer]).astype(np.float32)

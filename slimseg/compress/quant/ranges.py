@@ -32,6 +32,7 @@ from slimseg.compress.quant.observers import (AvgMinMaxObserver, HistogramObserv
                                               MinMaxObserver)
 from slimseg.config.quant import PTQAlgo
 from slimseg.errors import ConfigError, did_you_mean
+from slimseg.hardware.int8 import REDUCED_WEIGHT_MAX
 
 
 # ----------------------------------------------------------------------------- quant grids
@@ -53,7 +54,8 @@ INT8 = QuantGrid(-127, 127, symmetric=True, lo=-128, hi=127)
 INT8_WEIGHT = QuantGrid(-127, 127, symmetric=True, lo=-127, hi=127)
 # onnxruntime's advice for x86 CPUs without VNNI, whose kernels add two uint8 x int8 products in an
 # int16: 2 * 255 * 64 fits, 2 * 255 * 127 saturates (see slimseg.hardware.int8)
-INT8_WEIGHT_REDUCED = QuantGrid(-64, 64, symmetric=True, lo=-64, hi=64)
+INT8_WEIGHT_REDUCED = QuantGrid(-REDUCED_WEIGHT_MAX, REDUCED_WEIGHT_MAX, symmetric=True,
+                                lo=-REDUCED_WEIGHT_MAX, hi=REDUCED_WEIGHT_MAX)
 
 
 def activation_grid(signed: bool) -> QuantGrid:
