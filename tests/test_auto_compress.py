@@ -87,6 +87,8 @@ def test_fastest_accepted_candidate_wins(tiny, tmp_path):
     assert result.report["auto"]["chosen"] == fastest["name"] == "prune30_int8"
     assert rows["qat_int8"]["latency_ms"] is None and "cannot beat" in rows["qat_int8"]["reason"]
     assert "ChannelPrune" in fastest["strategy"] and "QuantPost" in fastest["strategy"]
+    # a predicted target's INT8 keeps 8-bit weights whatever this CPU's kernels do
+    assert result.report["quantization"]["reduce_range"] == {"weights": [], "why": "reduce_range: false"}
     out = onnx.load(str(result.model_path))
     assert "QuantizeLinear" in {n.op_type for n in out.graph.node}
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -280,3 +282,12 @@ def test_measured_candidates_are_timed_interleaved_with_fp32():
     assert (ms, predicted, pair) == (10.0, False, (40.0, 20.0))   # 2x, as timed together
     ctx.target = FakeTarget(macs_matter=False)                      # predicted: no FP32 pairing
     assert ctx._measure(onnx.ModelProto())[2] is None
+
+
+def test_int8_candidates_get_the_targets_reduce_range():
+    assert auto.reduce_range_for(FakeTarget()) is False                      # predicted: not this CPU
+    assert auto.reduce_range_for(types.SimpleNamespace(kind="measured")) == "auto"   # this CPU: ask it
+    for setting in (False, "auto"):
+        candidates = build_candidates(StrategyConfig(), SearchSpace(), full_iters=10, reduce_range=setting)
+        quant = [q for c in candidates for q in (c.strategy.quant_post, c.strategy.quant_aware) if q is not None]
+        assert len(quant) >= 4 and all(q.reduce_range == setting for q in quant)

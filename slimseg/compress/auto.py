@@ -195,16 +195,18 @@ def _round(value, digits: int = 3):
 
 
 def build_candidates(base: StrategyConfig, space: SearchSpace, *, placements=("onnxruntime",),
-                     int8_placement: str | None = None, full_iters: int) -> list[Candidate]:
-    """PTQ per placement, QAT, sparsity and channel pruning per ratio (each also + PTQ)."""
+                     int8_placement: str | None = None, full_iters: int,
+                     reduce_range: bool | str = "auto") -> list[Candidate]:
+    """PTQ per placement, QAT, sparsity and channel pruning per ratio (each also + PTQ), the
+    INT8 ones with `reduce_range` (see :func:`reduce_range_for`)."""
     from slimseg.config import ChannelPrune, QuantAware, UnstructurePrune
     from slimseg.config.sections import GMPConfig
 
     int8_placement = int8_placement or placements[0]
     short = min(space.short_iters, full_iters)
-    out = [_candidate(base, "ptq", "ptq_int8" + _suffix(p, placements), {"quant_post": _ptq()}, placement=p)
-           for p in placements]
-    out.append(_candidate(base, "qat", "qat_int8", {"quant_aware": QuantAware(),
+    out = [_candidate(base, "ptq", "ptq_int8" + _suffix(p, placements), {"quant_post": _ptq(reduce_range)},
+                      placement=p) for p in placements]
+    out.append(_candidate(base, "qat", "qat_int8", {"quant_aware": QuantAware(reduce_range=reduce_range),
                                                    "train_config": _qat_train_config(base)},
                           placement=int8_placement, short=short, full=full_iters))
     families = [("sparse", space.sparse_ratios, lambda r: {"unstructure_prune": UnstructurePrune(
@@ -213,7 +215,7 @@ def build_candidates(base: StrategyConfig, space: SearchSpace, *, placements=("o
     for method, ratios, sections in families:
         for r in ratios:
             for int8 in (False, True) if space.with_int8 else (False,):
-                extra = {"quant_post": _ptq()} if int8 else {}
+                extra = {"quant_post": _ptq(reduce_range)} if int8 else {}
                 name = f"{method}{round(r * 100)}" + ("_int8" if int8 else "")
                 out.append(_candidate(base, method, name, {**sections(r), **extra}, ratio=r, int8=int8,
                                       placement=int8_placement, short=short, full=full_iters))
@@ -239,11 +241,20 @@ def _suffix(placement: str, placements) -> str:
     return "" if len(placements) == 1 or placement == "onnxruntime" else f"_{placement}"
 
 
-def _ptq():
+def _ptq(reduce_range: bool | str = "auto"):
     """The measured-best PTQ for PP-HumanSeg-Lite (BENCHMARKS.md): minmax on 64 images."""
     from slimseg.config import QuantPost
 
-    return QuantPost(algo="minmax", batch_size=8, batch_nums=8, bias_correct=False)
+    return QuantPost(algo="minmax", batch_size=8, batch_nums=8, bias_correct=False, reduce_range=reduce_range)
+
+
+def reduce_range_for(target) -> bool | str:
+    """``reduce_range`` for a target's INT8 candidates. A measured target is this machine:
+    ``auto`` asks its runtime. A predicted one is not: the saturation that reduce_range avoids is
+    x86's (pairs of u8 x s8 products summed in int16 by SSSE3/AVX2 without VNNI), while ARM's
+    int8 kernels widen each product first (onnxruntime's MLAS: umull/uadalp, or udot) and GPUs
+    accumulate in int32, so compressing for SD710 on an AVX2 machine keeps 8-bit weights."""
+    return False if getattr(target, "kind", None) == "predicted" else "auto"
 
 
 def _candidate(base, method, name, sections, *, ratio=None, int8=None, placement="onnxruntime",
@@ -530,12 +541,14 @@ class _Context:
         train_len = len(self._train_set()) if self.has_train else 0
         full = default_total_iters(cfg, train_len, strategy.train_batch_size(8)) if self.has_train else 0
         placements = tuple(getattr(self.target, "placements", None) or _placements(self.target))
-        ptqs = build_candidates(strategy, space, placements=placements, full_iters=full)[:len(placements)]
+        reduce_range = reduce_range_for(self.target)
+        ptqs = build_candidates(strategy, space, placements=placements, full_iters=full,
+                                reduce_range=reduce_range)[:len(placements)]
         for c in ptqs:
             self._estimate(c)
         fastest = min(ptqs, key=lambda c: c.estimated_ms).placement
         others = build_candidates(strategy, space, placements=placements, int8_placement=fastest,
-                                  full_iters=full)[len(placements):]
+                                  full_iters=full, reduce_range=reduce_range)[len(placements):]
         for c in others:
             c.reason = _unsupported(c, self.target) or ("" if self.has_train else
                                                         "needs training images: the dataset config has no train_dataset")
