@@ -94,7 +94,8 @@ def _add_compress(sub) -> argparse.ArgumentParser:
                                    "within --max_metric_drop is trained fully. Writes save_dir/model.onnx, "
                                    "report.json, report.html, strategy.yaml and compress.log (with --quiet, "
                                    "the log file is the only place info lines go). Accuracy and latency are "
-                                   "measured in onnxruntime.")
+                                   "measured in onnxruntime; a sparse model's latency also in MNN (mnn extra), "
+                                   "whose kernels use the zeros.")
     _add_model_args(p)
     p.add_argument("--strategy_config", "--config_path", dest="strategy_config", default=None,
                    help="ACT strategy YAML (Global, Distillation, QuantAware, QuantPost, TrainConfig); "

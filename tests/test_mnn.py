@@ -211,3 +211,33 @@ def test_cli_export_and_bench(tmp_path, capsys):
     assert main(["bench", "--model", str(source), "--runtime", "mnn", "--runs", "3", "--warmup", "1",
                  "--output", "json", "--quiet"]) == 0
     assert '"runtime": "mnn"' in capsys.readouterr().out
+
+
+# ---- the compress report times sparse models in MNN --------------------------------------
+
+@needs_mnn
+def test_compress_times_a_sparse_model_in_mnn(tmp_path):
+    from helpers import trained_tiny_project
+    from slimseg.compress.api import compress
+    from slimseg.report.text import format_compress
+
+    model, data = trained_tiny_project(tmp_path / "tiny")
+    strategy = {"UnstructurePrune": {"ratio": 0.8, "block": [1, 4], "prune_params_type": None},
+                "TrainConfig": {"train_iter": 2, "eval_iter": 2, "learning_rate": 1e-3}}
+    result = compress(model, strategy, data=data, save_dir=tmp_path / "out", progress=False, bench_rounds=3)
+    timed = result.report["latency_mnn"]
+    assert timed["block"] == [1, 4] and timed["threads"] == 1 and timed["rounds"] >= 3
+    assert timed["speedup"] == pytest.approx(timed["original"]["median_ms"] / timed["compressed"]["median_ms"],
+                                             rel=0.01)
+    assert "latency median, MNN 1 thread" in format_compress(result)
+    assert "latency median, MNN 1 thread" in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+
+
+def test_sparse_latency_says_why_when_mnn_is_missing(monkeypatch):
+    from slimseg.compress.api import measure_sparse_latency
+
+    def missing():
+        raise MissingDependencyError("MNN", "mnn", "the MNN runtime")
+    monkeypatch.setattr(mnn, "_import_mnn", missing)
+    out = measure_sparse_latency(conv_model(), conv_model(zero_ratio=0.8), (1, 8, 8, 8), rounds=2)
+    assert set(out) == {"skipped"} and "slimseg[mnn]" in out["skipped"]

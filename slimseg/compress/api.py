@@ -159,6 +159,11 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
         say(f"compressed val mIoU {final.metrics.miou:.4f} (onnxruntime{', plain Q/DQ' if plain_qdq else ''}, "
             f"{_precision(stages)})")
         latency = measure_latency(loaded.onnx, model, loaded.input_shape, rounds=bench_rounds)
+        latency_mnn = None
+        if "sparsity" in stages:
+            latency_mnn = measure_sparse_latency(loaded.onnx, model, loaded.input_shape, _mnn_block(strategy),
+                                                 rounds=bench_rounds)
+            say(_describe_mnn(latency_mnn))
         save_onnx(model, work / "model.onnx")
         (work / "strategy.yaml").write_text(strategy.to_yaml())
         report = {
@@ -179,6 +184,7 @@ def compress(model=None, config=None, *, data=None, save_dir="output", overwrite
             "size_bytes": {"original": loaded.onnx.ByteSize(), "compressed": model.ByteSize(),
                            "compressed_zipped": _zipped_size(model)},
             "agreement": agreement,
+            **({"latency_mnn": latency_mnn} if latency_mnn is not None else {}),
             **stages,
             "wall_seconds": round(time.perf_counter() - started, 1),
             "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -400,6 +406,42 @@ def measure_latency(original, compressed, input_shape, *, rounds: int = 200,
                                               "min_ms": round(r.min_ms, 3)}
         out["speedup"][f"{threads}_thread"] = round(results["original"].median_ms / results["compressed"].median_ms, 3)
     return out
+
+
+def measure_sparse_latency(original, compressed, input_shape, block=(1, 1), *, rounds: int = 200,
+                           max_seconds: float = LATENCY_SECONDS) -> dict[str, Any]:
+    """Interleaved original/compressed medians in MNN at 1 thread, for a sparse model: onnxruntime
+    and OpenVINO have no sparse kernels, MNN's 1x1 convs use the zeros (`block` (1, 4): its
+    SIMD_OC=4 kernel). Without MNN, or where MNN cannot run the model (Q/DQ INT8), says why."""
+    from slimseg.errors import MissingDependencyError
+    from slimseg.hardware.bench import compare
+
+    shape = tuple(1 if d is None else d for d in input_shape) if input_shape else None
+    try:
+        results = compare({"original": original, "compressed": compressed}, rounds=rounds, threads=1,
+                          input_shape=shape, runtime="mnn", block=tuple(block), max_seconds=max_seconds,
+                          min_rounds=MIN_LATENCY_ROUNDS)
+    except MissingDependencyError as err:
+        return {"skipped": str(err)}
+    except SlimsegError as err:  # MNN cannot run Q/DQ INT8 models: it returns nothing
+        return {"error": str(err).splitlines()[0]}
+    out: dict[str, Any] = {"threads": 1, "block": list(block), "rounds": results["original"].runs}
+    for name, r in results.items():
+        out[name] = {"median_ms": round(r.median_ms, 3), "p90_ms": round(r.p90_ms, 3), "min_ms": round(r.min_ms, 3)}
+    out["speedup"] = round(results["original"].median_ms / results["compressed"].median_ms, 3)
+    return out
+
+
+def _mnn_block(strategy) -> tuple[int, int]:
+    block = getattr(strategy.unstructure_prune, "block", None) if strategy.unstructure_prune else None
+    return tuple(block) if block else (1, 1)
+
+
+def _describe_mnn(latency: dict[str, Any]) -> str:
+    if "speedup" in latency:
+        return (f"MNN (sparse kernels, 1 thread): {latency['original']['median_ms']:.2f} -> "
+                f"{latency['compressed']['median_ms']:.2f} ms ({latency['speedup']:.2f}x)")
+    return f"MNN latency not measured: {latency.get('skipped') or latency.get('error')}"
 
 
 def _channel_prune(original, strategy, val, train_set, nodes, *, progress: bool, say, session=None):

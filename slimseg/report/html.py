@@ -218,6 +218,11 @@ def _latency_rows(report: dict) -> list[_Row]:
         rows.append(_Row(f"latency median, {threads} thread{'s' if threads != '1' else ''}",
                          _get(base, key, "median_ms"), _get(comp, key, "median_ms"),
                          fmt=lambda v: f"{v:.3f} ms", change="ratio", higher_is_better=False))
+    mnn = report.get("latency_mnn") or {}
+    if "speedup" in mnn:  # a sparse model, in the runtime whose kernels use its zeros
+        rows.append(_Row("latency median, MNN 1 thread", _get(mnn, "original", "median_ms"),
+                         _get(mnn, "compressed", "median_ms"), fmt=lambda v: f"{v:.3f} ms", change="ratio",
+                         higher_is_better=False))
     return rows
 
 

@@ -147,6 +147,10 @@ def format_compress(result) -> str:
     for threads in ("1_thread", "2_thread"):
         rows.append((f"latency median, {threads.replace('_', ' ')}", f"{base['latency'][threads]['median_ms']:.2f} ms",
                      f"{comp['latency'][threads]['median_ms']:.2f} ms  ({r['speedup'][threads]:.2f}x)"))
+    mnn = r.get("latency_mnn") or {}
+    if "speedup" in mnn:
+        rows.append(("latency median, MNN 1 thread", f"{mnn['original']['median_ms']:.2f} ms",
+                     f"{mnn['compressed']['median_ms']:.2f} ms  ({mnn['speedup']:.2f}x)"))
     if "stats" in base:
         rows.append(("MACs", f"{base['stats']['macs'] / 1e6:.1f} M", f"{comp['stats']['macs'] / 1e6:.1f} M"))
         rows.append(("parameters", f"{base['stats']['params']:,}", f"{comp['stats']['params']:,}"))
