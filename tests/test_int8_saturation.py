@@ -17,6 +17,7 @@ from slimseg.config import load_strategy_config
 from slimseg.errors import ConfigError
 from slimseg.evaluate import evaluate
 from slimseg.predict import predict
+from slimseg.report.text import format_compress
 from slimseg.hardware import int8
 from slimseg.hardware.int8 import (REDUCED_WEIGHT_MAX, gemm_weights, int8_saturates, runs_in_gemm,
                                    saturating_weights, saturation_warning)
@@ -190,10 +191,12 @@ def test_an_8bit_model_is_checked_and_scored_as_plain_qdq_where_onnxruntime_satu
     monkeypatch.setattr(api, "verify_agreement", lambda *a, **kw: levels["check"].append(
         kw["optimization"]) or real_check(*a, **kw))
     strategy = {"QuantPost": {"algo": "minmax", "batch_size": 4, "batch_nums": 2, "reduce_range": False}}
-    report = compress(model, strategy, data=data, save_dir=tmp_path / "out", progress=False, bench_rounds=2).report
+    result = compress(model, strategy, data=data, save_dir=tmp_path / "out", progress=False, bench_rounds=2)
+    report = result.report
     expected = "disable" if saturates else "all"
     assert levels == {"evaluate": ["all", expected], "check": [expected]}   # the baseline, then the INT8 model
     assert ("scored_as" in report["compressed"]) == saturates
+    assert ("scored as plain Q/DQ" in format_compress(result)) == saturates
 
 
 def test_auto_asks_the_runtime_the_qdq_is_placed_for(monkeypatch):

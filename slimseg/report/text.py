@@ -166,4 +166,6 @@ def format_compress(result) -> str:
              f"{comp.get('precision', 'INT8')})", "",
              table(rows, header=("", "original", "compressed")), "",
              f"{agreement}{r['wall_seconds']:.0f} s, peak memory {r['peak_rss_mb']:.0f} MB"]
+    if comp.get("scored_as"):
+        lines.append(f"compressed model scored as {comp['scored_as']}")
     return "\n".join(lines)
