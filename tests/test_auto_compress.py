@@ -74,9 +74,10 @@ TRAIN = {"train_iter": 2, "eval_iter": 2, "learning_rate": 1e-3, "batch_size": 4
 def test_fastest_accepted_candidate_wins(tiny, tmp_path):
     model, data = tiny
     space = SearchSpace(sparse_ratios=(), prune_ratios=(0.3,), short_iters=2)
+    lines = []
     result = auto_compress(model, {"TrainConfig": TRAIN}, data=data, save_dir=tmp_path / "out",
                            deploy_hardware=FakeTarget(), max_metric_drop=1.0, space=space, progress=False,
-                           bench_rounds=2)
+                           bench_rounds=2, log_fn=lines.append)
     rows = {r["name"]: r for r in result.report["candidates"]}
     assert set(rows) == {"ptq_int8", "qat_int8", "prune30", "prune30_int8"}
     for row in rows.values():
@@ -89,6 +90,7 @@ def test_fastest_accepted_candidate_wins(tiny, tmp_path):
     assert "ChannelPrune" in fastest["strategy"] and "QuantPost" in fastest["strategy"]
     # a predicted target's INT8 keeps 8-bit weights whatever this CPU's kernels do
     assert result.report["quantization"]["reduce_range"] == {"weights": [], "why": "reduce_range: false"}
+    assert any("keep 8-bit weights" in line and "predicted target" in line for line in lines)
     out = onnx.load(str(result.model_path))
     assert "QuantizeLinear" in {n.op_type for n in out.graph.node}
     saved = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -542,6 +542,9 @@ class _Context:
         full = default_total_iters(cfg, train_len, strategy.train_batch_size(8)) if self.has_train else 0
         placements = tuple(getattr(self.target, "placements", None) or _placements(self.target))
         reduce_range = reduce_range_for(self.target)
+        if reduce_range is False:
+            self.say(f"auto: INT8 candidates keep 8-bit weights (reduce_range false): {_target_name(self.target)} "
+                     "is a predicted target, whose int8 kernels do not saturate them as x86 without VNNI does")
         ptqs = build_candidates(strategy, space, placements=placements, full_iters=full,
                                 reduce_range=reduce_range)[:len(placements)]
         for c in ptqs:
