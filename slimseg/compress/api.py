@@ -386,8 +386,9 @@ MIN_LATENCY_ROUNDS = 10
 
 
 def measure_latency(original, compressed, input_shape, *, rounds: int = 200,
-                    max_seconds: float = LATENCY_SECONDS) -> dict[str, Any]:
-    """Interleaved original/compressed medians in onnxruntime at 1 and 2 threads.
+                    max_seconds: float = LATENCY_SECONDS, runtime: str = "onnxruntime",
+                    thread_counts: tuple[int, ...] = (1, 2), **runtime_options) -> dict[str, Any]:
+    """Interleaved original/compressed medians in `runtime` (onnxruntime) at 1 and 2 threads.
 
     A full-size DeepLabv3 takes seconds per image on 2 cores: 200 rounds would take longer than
     its compression, so the rounds (and warm-up) are cut to what fits in `max_seconds`, never
@@ -397,9 +398,9 @@ def measure_latency(original, compressed, input_shape, *, rounds: int = 200,
     shape = tuple(1 if d is None else d for d in input_shape) if input_shape else None
     models = {"original": original, "compressed": compressed}
     out: dict[str, Any] = {"original": {}, "compressed": {}, "speedup": {}, "rounds": {}}
-    for threads in (1, 2):
+    for threads in thread_counts:
         results = compare(models, rounds=rounds, threads=threads, input_shape=shape, max_seconds=max_seconds,
-                          min_rounds=MIN_LATENCY_ROUNDS)
+                          min_rounds=MIN_LATENCY_ROUNDS, runtime=runtime, **runtime_options)
         out["rounds"][f"{threads}_thread"] = results["original"].runs
         for name, r in results.items():
             out[name][f"{threads}_thread"] = {"median_ms": round(r.median_ms, 3), "p90_ms": round(r.p90_ms, 3),
@@ -414,22 +415,16 @@ def measure_sparse_latency(original, compressed, input_shape, block=(1, 1), *, r
     and OpenVINO have no sparse kernels, MNN's 1x1 convs use the zeros (`block` (1, 4): its
     SIMD_OC=4 kernel). Without MNN, or where MNN cannot run the model (Q/DQ INT8), says why."""
     from slimseg.errors import MissingDependencyError
-    from slimseg.hardware.bench import compare
 
-    shape = tuple(1 if d is None else d for d in input_shape) if input_shape else None
     try:
-        results = compare({"original": original, "compressed": compressed}, rounds=rounds, threads=1,
-                          input_shape=shape, runtime="mnn", block=tuple(block), max_seconds=max_seconds,
-                          min_rounds=MIN_LATENCY_ROUNDS)
+        timed = measure_latency(original, compressed, input_shape, rounds=rounds, max_seconds=max_seconds,
+                                runtime="mnn", thread_counts=(1,), block=tuple(block))
     except MissingDependencyError as err:
         return {"skipped": str(err)}
     except SlimsegError as err:  # MNN cannot run Q/DQ INT8 models: it returns nothing
         return {"error": str(err).splitlines()[0]}
-    out: dict[str, Any] = {"threads": 1, "block": list(block), "rounds": results["original"].runs}
-    for name, r in results.items():
-        out[name] = {"median_ms": round(r.median_ms, 3), "p90_ms": round(r.p90_ms, 3), "min_ms": round(r.min_ms, 3)}
-    out["speedup"] = round(results["original"].median_ms / results["compressed"].median_ms, 3)
-    return out
+    return {"threads": 1, "block": list(block), "rounds": timed["rounds"]["1_thread"],
+            **{key: timed[key]["1_thread"] for key in ("original", "compressed", "speedup")}}
 
 
 def _mnn_block(strategy) -> tuple[int, int]:
