@@ -227,8 +227,10 @@ def test_compress_times_a_sparse_model_in_mnn(tmp_path):
     result = compress(model, strategy, data=data, save_dir=tmp_path / "out", progress=False, bench_rounds=3)
     timed = result.report["latency_mnn"]
     assert timed["block"] == [1, 4] and timed["threads"] == 1 and timed["rounds"] >= 3
-    assert timed["speedup"] == pytest.approx(timed["original"]["median_ms"] / timed["compressed"]["median_ms"],
-                                             rel=0.01)
+    original, compressed, half = timed["original"]["median_ms"], timed["compressed"]["median_ms"], 5e-4
+    # the report rounds milliseconds and the speedup to 3 decimals (medians of ~0.1 ms here)
+    assert (original - half) / (compressed + half) - half <= timed["speedup"] \
+        <= (original + half) / (compressed - half) + half
     assert "latency median, MNN 1 thread" in format_compress(result)
     assert "latency median, MNN 1 thread" in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
 
